@@ -1,0 +1,98 @@
+"""Evaluation of a frozen encoder: weighted kNN monitor and a linear probe on once-extracted features.
+
+kNN: cosine similarity to every training feature, the k nearest vote with weights exp(sim / T) (Wu et al. 2018, the
+monitor used by most SimCLR/MoCo codebases). Linear probe: a linear classifier trained on frozen features that are
+extracted once, without augmentation (the usual cheap stand-in for the paper's augmented linear evaluation).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def extract_features(model, loader, device: torch.device, autocast_dtype: torch.dtype | None = None):
+    """(features (M, D) fp32 on CPU, labels (M,) int64) of ``model.features`` over the loader, in eval mode."""
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    try:
+        for images, y in loader:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                h = model.features(images)  # (B, D)
+            feats.append(h.float().cpu())
+            labels.append(y.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(feats), torch.cat(labels).long()
+
+
+@torch.no_grad()
+def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.1,
+                 chunk: int = 1024) -> float:
+    """Top-1 accuracy (%) of a temperature-weighted cosine kNN classifier."""
+    if train_x.shape[0] == 0 or test_x.shape[0] == 0:
+        raise ValueError("knn_accuracy: empty feature set")
+    k = min(k, train_x.shape[0])
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    bank = F.normalize(train_x.float(), dim=1)  # (M, D)
+    correct = 0
+    for start in range(0, test_x.shape[0], chunk):
+        q = F.normalize(test_x[start:start + chunk].float(), dim=1)  # (C, D)
+        sim, idx = (q @ bank.T).topk(k, dim=1)  # (C, k)
+        w = (sim / temperature).exp()
+        votes = torch.zeros(q.shape[0], num_classes).scatter_add_(1, train_y[idx], w)
+        correct += (votes.argmax(1) == test_y[start:start + chunk]).sum().item()
+    return 100.0 * correct / test_x.shape[0]
+
+
+@dataclass
+class ProbeResult:
+    train_top1: float
+    test_top1: float
+
+
+def linear_probe(train_x, train_y, test_x, test_y, epochs: int = 100, lr: float = 0.1, batch_size: int = 256,
+                 weight_decay: float = 0.0, seed: int = 0) -> ProbeResult:
+    """Softmax regression on standardized frozen features: SGD with momentum and a cosine LR."""
+    g = torch.Generator().manual_seed(seed)
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    xtr, xte = (train_x - mean) / std, (test_x - mean) / std
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    clf = torch.nn.Linear(xtr.shape[1], num_classes)
+    with torch.no_grad():
+        clf.weight.normal_(0, 0.01, generator=g)
+        clf.bias.zero_()
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps_per_epoch = max(1, math.ceil(xtr.shape[0] / batch_size))
+    total = max(1, epochs * steps_per_epoch)
+    step = 0
+    for _ in range(epochs):
+        perm = torch.randperm(xtr.shape[0], generator=g)
+        for start in range(0, xtr.shape[0], batch_size):
+            idx = perm[start:start + batch_size]
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(clf(xtr[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    with torch.no_grad():
+        tr = (clf(xtr).argmax(1) == train_y).float().mean().item() * 100
+        te = (clf(xte).argmax(1) == test_y).float().mean().item() * 100
+    return ProbeResult(train_top1=tr, test_top1=te)
+
+
+def evaluate_encoder(model, train_loader, test_loader, device, *, knn_k: int, knn_temperature: float,
+                     probe_epochs: int, probe_lr: float, autocast_dtype=None, seed: int = 0) -> dict:
+    """kNN and linear-probe top-1 (%) of ``model.features`` on a held-out split."""
+    xtr, ytr = extract_features(model, train_loader, device, autocast_dtype)
+    xte, yte = extract_features(model, test_loader, device, autocast_dtype)
+    out = {"knn_top1": knn_accuracy(xtr, ytr, xte, yte, k=knn_k, temperature=knn_temperature)}
+    if probe_epochs > 0:
+        out["probe_top1"] = linear_probe(xtr, ytr, xte, yte, epochs=probe_epochs, lr=probe_lr, seed=seed).test_top1
+    return out

@@ -1,0 +1,149 @@
+"""Run metrics: CSV + JSONL rows, TensorBoard scalars, a progress display, and PNG plots at the end.
+
+Only rank 0 writes. Values arrive as Python floats: the trainer turns tensors into numbers at log steps only, since
+every ``.item()`` is a host sync.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+
+
+class MetricsLogger:
+    """Appends one row per log call to ``metrics.jsonl`` and ``metrics.csv`` (``kind`` separates train/eval rows)."""
+
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self._tb = None
+        self._csv_fields: list[str] | None = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
+        self.csv_path = os.path.join(run_dir, "metrics.csv")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except ImportError:  # tensorboard is a declared dependency; a broken install only loses the TB view
+                print("fastclr: tensorboard not importable; metrics go to CSV/JSONL only", file=sys.stderr)
+
+    def log(self, kind: str, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"kind": kind, "step": step, "time": time.time(), **values}
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._append_csv(row)
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def _append_csv(self, row: dict) -> None:
+        # CSV needs one header: the first row fixes it, later rows with new keys go to JSONL only for those keys.
+        if self._csv_fields is None:
+            if os.path.exists(self.csv_path) and os.path.getsize(self.csv_path) > 0:
+                with open(self.csv_path) as f:
+                    self._csv_fields = next(csv.reader(f))
+            else:
+                self._csv_fields = ["kind", "step", "time", "loss", "lr", "images_per_s", "images_per_s_per_device",
+                                    "epoch", "knn_top1", "probe_top1", "baseline_knn_top1", "baseline_probe_top1"]
+                with open(self.csv_path, "w", newline="") as f:
+                    csv.writer(f).writerow(self._csv_fields)
+        with open(self.csv_path, "a", newline="") as f:
+            csv.writer(f).writerow([row.get(k, "") for k in self._csv_fields])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_run(run_dir: str) -> list[str]:
+    """Draw loss, LR, throughput and probe accuracy from ``metrics.jsonl``; returns the PNG paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    out = []
+    for key, label in (("loss", "NT-Xent loss"), ("lr", "learning rate"), ("images_per_s", "images/s (all ranks)")):
+        pts = [(r["step"], r[key]) for r in train if key in r]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(*zip(*pts))
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        path = os.path.join(run_dir, f"{key}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key, label in (("knn_top1", "kNN, pretrained"), ("probe_top1", "linear probe, pretrained"),
+                           ("baseline_knn_top1", "kNN, random init"), ("baseline_probe_top1", "linear probe, random init")):
+            pts = [(r["step"], r[key]) for r in evals if key in r]
+            if pts:
+                style = "--" if key.startswith("baseline") else "-"
+                ax.plot(*zip(*pts), style, marker="o", label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        path = os.path.join(run_dir, "accuracy.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain periodic lines otherwise (logs of batch jobs stay readable)."""
+
+    def __init__(self, total: int, enabled: bool, initial: int = 0, every_s: float = 15.0):
+        self.enabled = enabled
+        self.tty = sys.stdout.isatty()
+        self.total, self.n = total, initial
+        self.every_s, self._last = every_s, 0.0
+        self._postfix = ""
+        self._bar = None
+        if enabled and self.tty:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, n: int = 1, postfix: str | None = None) -> None:
+        if not self.enabled:
+            return
+        self.n += n
+        if postfix is not None:
+            self._postfix = postfix
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix is not None:
+                self._bar.set_postfix_str(postfix, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self._last >= self.every_s or self.n >= self.total:
+            self._last = now
+            pct = 100.0 * self.n / max(self.total, 1)
+            print(f"[{pct:5.1f}%] step {self.n}/{self.total} {self._postfix}", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

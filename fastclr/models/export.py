@@ -1,0 +1,75 @@
+"""Export of the pretrained encoder as a plain state_dict with torchvision's ResNet key names (no ``fc``).
+
+For a width-1 backbone with the standard stem the file loads with
+``torchvision.models.resnet50().load_state_dict(torch.load(path), strict=False)``, reporting only ``fc.weight`` and
+``fc.bias`` as missing.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+_BACKBONE_PREFIX = "backbone."
+_NON_BACKBONE_PREFIXES = ("head.", "fc.")
+
+
+def _strip_wrappers(key: str) -> str:
+    """Drop what wrappers add to a key: DDP/DeepSpeed's leading ``module.``, torch.compile's ``_orig_mod.``."""
+    key = key.replace("_orig_mod.", "")
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
+def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The encoder's parameters and buffers as detached fp32 CPU copies (integer buffers keep their dtype).
+
+    Accepts a bare backbone, a ``SimCLRModel`` (keeps ``backbone.*``, drops ``head.*``) or either one inside a
+    DDP / DeepSpeed / torch.compile wrapper.
+    """
+    state = {_strip_wrappers(k): v for k, v in model.state_dict().items()}
+    if any(k.startswith(_BACKBONE_PREFIX) for k in state):
+        state = {k[len(_BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(_BACKBONE_PREFIX)}
+    state = {k: v for k, v in state.items() if not k.startswith(_NON_BACKBONE_PREFIXES)}
+    if not state:
+        raise ValueError(f"{type(model).__name__} has no backbone parameters to export")
+    out = {}
+    for k, v in state.items():
+        dtype = torch.float32 if v.is_floating_point() else v.dtype
+        # A fresh contiguous copy: no autograd history, no channels_last strides, no storage shared with training.
+        out[k] = v.detach().to(device="cpu", dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    return out
+
+
+def save_backbone(model: nn.Module, path: str | os.PathLike) -> str:
+    """Write ``backbone_state_dict(model)`` to ``path`` atomically; returns the path.
+
+    The bytes go to a temporary file in the same directory, are fsynced, and then ``os.replace`` swaps it in, so a
+    crash at any moment leaves either the previous file or the complete new one, never a truncated file.
+    """
+    state = backbone_state_dict(model)
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the export is meant to be shared
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    # Persist the rename itself (the directory entry); without it a power loss can resurrect the old file.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path

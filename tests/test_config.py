@@ -1,0 +1,83 @@
+import os
+
+import pytest
+
+from fastclr.config import (Config, ConfigError, batch_plan, deepspeed_config, load_config, to_dict, validate_run)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(ROOT, "launchers", "configs")
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(RECIPES)))
+def test_every_recipe_loads(name):
+    cfg = load_config(os.path.join(RECIPES, name))
+    assert isinstance(cfg, Config)
+
+
+def test_overrides_are_typed_and_applied_after_the_recipe():
+    cfg = load_config(os.path.join(RECIPES, "default.yaml"),
+                      ["model.arch=resnet50", "optim.base_lr=0.5", "train.epochs=3", "precision.channels_last=false",
+                       "data.augment.crop_area=[0.2,1.0]"])
+    assert cfg.model.arch == "resnet50" and cfg.optim.base_lr == 0.5 and cfg.train.epochs == 3.0
+    assert cfg.precision.channels_last is False
+    assert cfg.data.augment.crop_area == (0.2, 1.0)
+    assert cfg.data.dataset == "digits"  # untouched recipe value
+
+
+@pytest.mark.parametrize("override, field", [
+    ("model.arch=resnet51", "model.arch"),
+    ("loss.temperature=-0.1", "loss.temperature"),
+    ("loss.temperature=0", "loss.temperature"),
+    ("loss.impl=cuda", "loss.impl"),
+    ("optim.lr_scaling=cubic", "optim.lr_scaling"),
+    ("data.augment.flip_p=1.5", "data.augment.flip_p"),
+    ("data.augment.crop_area=[0.9,0.1]", "data.augment.crop_area"),
+    ("data.dataset=imagenet", "data.dataset"),
+    ("data.dataset=folder", "data.path"),
+    ("train.epochs=0", "train.epochs"),
+    ("train.global_batch_size=abc", "train.global_batch_size"),
+    ("model.nope=1", "model.nope"),
+    ("precision.dtype=fp8", "precision.dtype"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        load_config(None, [override])
+
+
+def test_missing_recipe_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/recipe.yaml")
+
+
+def test_batch_arithmetic_has_one_source():
+    cfg = load_config(None, ["train.global_batch_size=4096", "train.micro_batch_size=256"])
+    plan = batch_plan(cfg, world_size=8)
+    assert (plan.global_batch, plan.micro_batch, plan.accumulation) == (4096, 256, 2)
+    ds = deepspeed_config(cfg, plan)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 8
+    assert ds["zero_optimization"]["stage"] == 0
+    assert "bf16" not in ds and "fp16" not in ds  # autocast, never whole-module casting (BN stays fp32)
+    assert ds["torch_autocast"]["dtype"] == "bfloat16"
+
+
+def test_world_dependent_checks():
+    with pytest.raises(ConfigError, match="'train.global_batch_size'.*not divisible by the world size 3"):
+        validate_run(load_config(None, ["train.global_batch_size=256"]), world_size=3, cuda=False)
+    with pytest.raises(ConfigError, match="'train.micro_batch_size'"):
+        validate_run(load_config(None, ["train.global_batch_size=256", "train.micro_batch_size=48"]), 2, False)
+    with pytest.raises(ConfigError, match="'precision.dtype'.*fp16 needs a CUDA"):
+        validate_run(load_config(None, ["precision.dtype=fp16"]), 1, cuda=False)
+    with pytest.raises(ConfigError, match="'distributed.zero_stage'.*LARS"):
+        validate_run(load_config(None, ["distributed.zero_stage=2"]), 1, cuda=False)
+    with pytest.raises(ConfigError, match="'distributed.bn_group_size'.*does not divide"):
+        validate_run(load_config(None, ["distributed.bn_group_size=3", "train.global_batch_size=256"]), 4, False)
+
+
+def test_to_dict_round_trips():
+    cfg = load_config(os.path.join(RECIPES, "imagenet_resnet50_bs4096.yaml"))
+    d = to_dict(cfg)
+    import yaml
+    again = load_config(None, [])
+    from fastclr.config import _from_dict
+    again = _from_dict(Config, yaml.safe_load(yaml.safe_dump(d)))
+    assert again == cfg

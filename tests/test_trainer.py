@@ -1,0 +1,73 @@
+"""Short real training runs of the whole stack on the embedded digits (one process, CPU)."""
+import json
+import os
+
+import pytest
+import torch
+
+from fastclr import checkpoint, runtime
+from fastclr.config import ConfigError, load_config
+from fastclr.trainer import Trainer, preflight
+
+TINY = ["model.width_mult=0.125", "model.proj_hidden_dim=64", "model.proj_out_dim=32", "train.global_batch_size=64",
+        "train.log_every=1", "eval.probe_epochs=0", "eval.baseline=false", "logging.progress=false",
+        "logging.tensorboard=false", "checkpoint.every_epochs=0", "eval.max_eval_images=256"]
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(os.path.join(os.path.dirname(__file__), "..", "launchers", "configs", "default.yaml"),
+                       TINY + [f"logging.dir={tmp_path}", f"checkpoint.dir={tmp_path}/ckpt", *extra])
+
+
+def _trainer(cfg):
+    plan = preflight(cfg, 1, False)
+    return Trainer(cfg, runtime.setup("gloo"), plan)
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_short_run_loss_decreases_and_leaves_artifacts(tmp_path):
+    cfg = _cfg(tmp_path, "train.epochs=6", "optim.warmup_epochs=1", "eval.probe_epochs=5", "eval.baseline=true")
+    trainer = _trainer(cfg)
+    results = trainer.train()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert len(losses) == trainer.total_steps
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.05, f"loss did not decrease: first {first:.4f}, last {last:.4f}"
+    for key in ("knn_top1", "probe_top1", "baseline_knn_top1", "baseline_probe_top1"):
+        assert 0 <= results[key] <= 100
+    for name in ("metrics.csv", "loss.png", "lr.png", "images_per_s.png", "accuracy.png", "backbone.pt"):
+        assert (tmp_path / name).is_file(), name
+    assert checkpoint.complete_tags(str(tmp_path / "ckpt"))[-1][0] == trainer.total_steps
+
+
+def test_resume_continues_at_the_saved_step_with_identical_state(tmp_path):
+    cfg = _cfg(tmp_path, "train.epochs=3", "train.stop_at_step=7")
+    first = _trainer(cfg)
+    first.train()
+    assert first.step == 7
+    saved = _params(first.model)
+    saved_momentum = [s["momentum_buffer"].clone() for s in first.optimizer.state.values()]
+    saved_loader = first.loader.state_dict()
+
+    second = _trainer(_cfg(tmp_path, "train.epochs=3"))
+    assert second.maybe_resume()
+    assert second.step == 7 and second.epoch == first.epoch
+    assert second.loader.state_dict() == saved_loader
+    for k, v in _params(second.model).items():
+        assert torch.equal(v, saved[k]), k
+    for a, b in zip(saved_momentum, [s["momentum_buffer"] for s in second.optimizer.state.values()]):
+        assert torch.equal(a, b)
+    second.cfg.checkpoint.resume = "none"  # already resumed above
+    second.train()
+    assert second.step == second.total_steps
+
+
+def test_preflight_errors_before_compute(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.path.*does not exist"):
+        preflight(_cfg(tmp_path, "data.dataset=folder", f"data.path={tmp_path}/missing"), 1, False)
+    with pytest.raises(ConfigError, match="not divisible by the world size 3"):
+        preflight(_cfg(tmp_path), 3, False)
