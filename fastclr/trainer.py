@@ -11,6 +11,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 
 import numpy as np
@@ -41,10 +43,7 @@ def build_model(cfg: Config, norm_layer=None):
                               norm_layer=norm_layer, zero_init_residual=cfg.model.zero_init_residual)
     head = ProjectionHead(backbone.feature_dim, cfg.model.proj_hidden_dim, cfg.model.proj_out_dim,
                           num_layers=cfg.model.proj_layers, norm_layer=norm_layer or torch.nn.BatchNorm1d)
-    model = SimCLRModel(backbone, head)
-    if cfg.precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return SimCLRModel(backbone, head)
 
 
 def peak_lr(cfg: Config, global_batch: int) -> float:
@@ -70,6 +69,31 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopSignals:
+    """SIGUSR1 (Slurm's warning ahead of the time limit) and SIGTERM (preemption) ask for a clean stop: the handler
+    only records the signal; the training loop finishes its step, checkpoints and exits."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
 
 
 class Trainer:
@@ -101,11 +125,21 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=lars,
                                                                  config=deepspeed_config(cfg, plan))
         self.model = self.engine.module
+        self._memory_format = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
+        if cfg.precision.channels_last:
+            # After initialize: DeepSpeed broadcasts rank 0's parameters as byte views, which needs contiguous
+            # tensors. ``.to(memory_format=...)`` swaps each parameter's data in place, so the optimizer and engine
+            # keep valid references.
+            self.model.to(memory_format=self._memory_format)
         self.loss_group = "world" if (cfg.loss.global_negatives and rt.world_size > 1) else None
         self.metrics = MetricsLogger(cfg.logging.dir, enabled=rt.is_main, tensorboard=cfg.logging.tensorboard)
         self.step = 0
         self.epoch = 0
         self.nonfinite_steps = 0
+        self.signals = StopSignals()
+        # Control flags (stop requests) go over gloo even when the data path is NCCL: no GPU sync per step.
+        self._control_group = (torch.distributed.new_group(backend="gloo") if rt.world_size > 1 and rt.cuda
+                               else None)
 
     def _norm_layer(self):
         if not (self.cfg.distributed.global_bn and self.rt.world_size > 1):
@@ -137,10 +171,12 @@ class Trainer:
         return loss.detach()
 
     def train(self) -> dict:
+        """Train to the end (or to a stop request), checkpoint, evaluate. The result has ``stop_reason``: None for a
+        finished run, else 'signal' (preempted: checkpoint written, no evaluation), 'deadline' or 'stop_at_step'."""
         cfg, rt = self.cfg, self.rt
         self.maybe_resume()
         start_step, t_start = self.step, time.monotonic()
-        deadline = t_start + cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
+        self._deadline = t_start + cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
         self.progress = Progress(self.total_steps, enabled=rt.is_main and cfg.logging.progress, initial=self.step)
         if rt.is_main:
             print(f"fastclr: {cfg.model.arch} x{cfg.model.width_mult:g} on {cfg.data.dataset}, {rt.world_size} rank(s) "
@@ -149,19 +185,25 @@ class Trainer:
                   f"({self.steps_per_epoch}/epoch), peak LR {self.peak_lr:.3g}, loss impl {cfg.loss.impl}", flush=True)
         self._loss_sum, self._n_loss = torch.zeros((), device=rt.device), 0
         self._t_log, self._step_log = time.monotonic(), self.step
-        stopped_early = False
-        while self.step < self.total_steps and not stopped_early:
-            stopped_early = self.train_epoch(deadline)
+        stop = None
+        with self.signals:
+            while self.step < self.total_steps and stop is None:
+                stop = self.train_epoch()
         self.progress.close()
         self.save()
         elapsed = time.monotonic() - t_start
+        if stop == "signal":
+            if rt.is_main:
+                print(f"fastclr: signal {self.signals.received} received: checkpoint at step {self.step} written, "
+                      "exiting for requeue", flush=True)
+            return {"stop_reason": stop}
         results = self.final_evaluation()
         if rt.is_main:
-            self.finish(results, elapsed, start_step, stopped_early)
-        return results
+            self.finish(results, elapsed, start_step, stop)
+        return {"stop_reason": stop, **results}
 
-    def train_epoch(self, deadline: float) -> bool:
-        """Train to the end of the current epoch (or of the run); True when stopped early by the deadline."""
+    def train_epoch(self) -> str | None:
+        """Train to the end of the current epoch (or of the run); the stop reason if asked to stop early."""
         accumulation = self.plan.accumulation
         micro_per_epoch = self.steps_per_epoch * accumulation
         position = self.loader.state_dict()["position"]
@@ -174,37 +216,41 @@ class Trainer:
             self.step += 1
             self.after_step()
             if self.step >= self.total_steps:
-                return False
+                return None
             if position >= micro_per_epoch:
                 break
-            if self._should_stop(deadline):
-                return True
+            stop = self.stop_requested()
+            if stop:
+                return stop
         self.epoch += 1
         self.loader.set_epoch(self.epoch)
         self._end_of_epoch()
-        return self._should_stop(deadline)
+        return self.stop_requested() if self.step < self.total_steps else None
 
-    def _should_stop(self, deadline: float) -> bool:
+    def stop_requested(self) -> str | None:
+        """Agreed by every rank at every step: a signal or a clock reaches each rank at a different moment, and a rank
+        that left the loop alone would hang the others in the next collective. The flags travel on a CPU (gloo) group,
+        so the check costs no device synchronisation."""
         if self.step == self.cfg.train.stop_at_step:
-            return True
-        if self.step % self.cfg.train.log_every:
-            return False
-        # Clocks differ between ranks: the decision is taken together (one tiny all-reduce per log interval), or one
-        # rank would leave the loop while the others wait for it in a collective.
-        flag = torch.tensor([float(time.monotonic() > deadline)], device=self.rt.device)
+            return "stop_at_step"
+        flags = torch.tensor([float(self.signals.received is not None), float(time.monotonic() > self._deadline)])
         if self.rt.world_size > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self._control_group)
+        if flags[0]:
+            self.signals.received = self.signals.received or "peer"
+            return "signal"
+        return "deadline" if flags[1] else None
 
     def after_step(self) -> None:
         cfg = self.cfg
+        postfix = None
         if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-            self.log_train()
-        self.progress.update(1)
+            postfix = self.log_train()
+        self.progress.update(1, postfix)
         if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
             self.save()
 
-    def log_train(self) -> None:
+    def log_train(self) -> str:
         mean_loss = (self._loss_sum / self._n_loss).item()  # host sync: only at log steps
         now = time.monotonic()
         ips = (self.step - self._step_log) * self.plan.global_batch / max(now - self._t_log, 1e-9)
@@ -212,9 +258,9 @@ class Trainer:
         self.metrics.log("train", self.step, {"loss": mean_loss, "lr": lr, "images_per_s": ips,
                                               "images_per_s_per_device": ips / self.rt.world_size,
                                               "epoch": self.step / self.steps_per_epoch})
-        self.progress.update(0, f"loss {mean_loss:.4f} lr {lr:.3g} {ips:.0f} img/s")
         self._loss_sum.zero_()
         self._n_loss, self._t_log, self._step_log = 0, now, self.step
+        return f"loss {mean_loss:.4f} lr {lr:.3g} {ips:.0f} img/s"
 
     def _end_of_epoch(self) -> None:
         cfg = self.cfg
@@ -277,7 +323,7 @@ class Trainer:
                 # The same seed rebuilds exactly the initialisation this run started from.
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(self.cfg.seed)
-                    baseline = build_model(self.cfg).to(self.rt.device)
+                    baseline = build_model(self.cfg).to(self.rt.device, memory_format=self._memory_format)
                 base = evaluate_encoder(baseline, train_loader, test_loader, self.rt.device, **kw)
                 results.update({f"baseline_{k}": v for k, v in base.items()})
             self.metrics.log("eval", self.step, {"epoch": self.epoch, **results})
@@ -287,7 +333,7 @@ class Trainer:
     def final_evaluation(self) -> dict:
         return self.evaluate(with_baseline=self.cfg.eval.baseline)
 
-    def finish(self, results: dict, elapsed: float, start_step: int, stopped_early: bool) -> None:
+    def finish(self, results: dict, elapsed: float, start_step: int, stop: str | None) -> None:
         from .models.export import save_backbone
 
         run_dir = self.cfg.logging.dir
@@ -298,7 +344,7 @@ class Trainer:
         steps = self.step - start_step
         print(f"fastclr: {steps} steps in {elapsed / 60:.1f} min "
               f"({steps * self.plan.global_batch / max(elapsed, 1e-9):.0f} images/s incl. checkpoints)"
-              + (" — stopped early (train.stop_at_step / train.max_minutes)" if stopped_early else ""), flush=True)
+              + (f" — stopped early ({stop})" if stop else ""), flush=True)
         print(f"fastclr: checkpoints in {self.cfg.checkpoint.dir}, metrics/plots in {run_dir} "
               f"({', '.join(os.path.basename(p) for p in plots)}), backbone in {backbone_path}", flush=True)
         line = f"fastclr: RESULT kNN top-1 {results['knn_top1']:.1f}%"
@@ -323,6 +369,11 @@ def run(cfg: Config) -> dict:
     rt = runtime.setup(cfg.distributed.backend)
     trainer = Trainer(cfg, rt, plan)
     try:
-        return trainer.train()
+        results = trainer.train()
     finally:
         trainer.close()
+    if results["stop_reason"] == "signal" and rt.is_main:
+        from .slurm import requeue
+
+        requeue()  # after the checkpoint is complete on every rank (save() ends in a barrier); no-op outside Slurm
+    return results

@@ -22,16 +22,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from fastclr.config import ConfigError, load_config
+    from fastclr.slurm import PREEMPTED_EXIT_CODE
     from fastclr.trainer import run
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config(args.config, overrides)
-        run(cfg)
+        results = run(cfg)
     except (ConfigError, FileNotFoundError) as e:
         print(f"fastclr: error: {e}", file=sys.stderr, flush=True)
         return 2
-    return 0
+    # 3: stopped by SIGUSR1/SIGTERM with a complete checkpoint (requeued under Slurm); the next start resumes.
+    return PREEMPTED_EXIT_CODE if results["stop_reason"] == "signal" else 0
 
 
 if __name__ == "__main__":
