@@ -86,7 +86,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, rank_state: dict,
     tag = tag_for(step)
     partial_root = os.path.join(ckpt_dir, ".partial")
     if rank == 0:
-        shutil.rmtree(os.path.join(partial_root, tag), ignore_errors=True)
+        shutil.rmtree(partial_root, ignore_errors=True)  # torn writes of earlier, killed saves
         os.makedirs(partial_root, exist_ok=True)
     barrier()
     engine.save_checkpoint(partial_root, tag=tag, client_state=client_state, save_latest=False)
@@ -95,7 +95,9 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, rank_state: dict,
     if rank == 0:
         src = os.path.join(partial_root, tag)
         _fsync_tree(src)
-        atomic_write_bytes(os.path.join(src, COMPLETE), json.dumps({"step": step}).encode())
+        # The marker carries the client state as JSON: readable by people, and checked against the config before
+        # DeepSpeed is asked to load tensors of possibly another shape.
+        atomic_write_bytes(os.path.join(src, COMPLETE), json.dumps({"step": step, **client_state}, indent=1).encode())
         dst = os.path.join(ckpt_dir, tag)
         shutil.rmtree(dst, ignore_errors=True)  # a complete copy of the same step: replaced by this one
         os.replace(src, dst)
@@ -119,6 +121,11 @@ def resolve(ckpt_dir: str, resume: str) -> tuple[str, str] | None:
         raise FileNotFoundError(f"checkpoint.resume: '{resume}' is not a complete checkpoint (no {COMPLETE} marker in {path})")
     path = os.path.abspath(path)
     return os.path.dirname(path), os.path.basename(path)
+
+
+def read_meta(where: tuple[str, str]) -> dict:
+    with open(os.path.join(*where, COMPLETE)) as f:
+        return json.load(f)
 
 
 def load(engine, where: tuple[str, str], rank: int) -> tuple[dict, dict]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .config import BatchPlan, Config, deepspeed_config, to_dict, validate_run
+from .config import BatchPlan, Config, ConfigError, deepspeed_config, to_dict, validate_run
 from .eval import evaluate_encoder
 from .metrics import MetricsLogger, Progress, plot_run
 from .runtime import Runtime, barrier
@@ -287,6 +287,13 @@ class Trainer:
         where = checkpoint.resolve(self.cfg.checkpoint.dir, self.cfg.checkpoint.resume)
         if where is None:
             return False
+        saved_model = checkpoint.read_meta(where).get("config", {}).get("model")
+        current_model = to_dict(self.cfg)["model"]
+        if saved_model is not None and saved_model != current_model:
+            diff = sorted(k for k in current_model if saved_model.get(k) != current_model[k])
+            raise ConfigError(f"config field 'model.{diff[0]}': the checkpoint in {os.path.join(*where)} was trained "
+                              f"with {diff[0]}={saved_model.get(diff[0])!r}, this run has {current_model[diff[0]]!r}; "
+                              "use the same model settings, another checkpoint.dir, or checkpoint.resume=none")
         client, rank_state = checkpoint.load(self.engine, where, self.rt.rank)
         self.step, self.epoch = int(client["step"]), int(client["epoch"])
         self.nonfinite_steps = int(client.get("nonfinite_steps", 0))
