@@ -30,6 +30,9 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 def preflight(cfg: Config, world_size: int, cuda: bool) -> BatchPlan:
     """Everything that can be checked before any process group, model or pipeline exists."""
     plan = validate_run(cfg, world_size, cuda)
+    if cfg.data.dataset != "digits" and not cfg.data.eval_path:
+        raise ConfigError("config field 'data.eval_path': the final kNN / linear-probe evaluation needs a held-out "
+                          f"labelled split of the same kind as data.path ('{cfg.data.dataset}')")
     for field, path in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
         if cfg.data.dataset != "digits" and path and cfg.data.dataset != "tar" and not os.path.exists(path):
             raise FileNotFoundError(f"config field '{field}': '{path}' does not exist")

@@ -1,0 +1,292 @@
+"""The iterators the trainer and the evaluation use: DALI pipelines fed by a seeded, sharded sample order.
+
+Order. Epoch ``e`` is a permutation of the whole source drawn from (seed, e); with k shards the first
+``len(loader)·batch·k`` entries are dealt round-robin (shard s takes entries s, s+k, ...) and the tail is dropped,
+so every shard has the same number of full batches and no sample appears twice in an epoch. The order is a pure
+function of (seed, epoch, number of shards): ``set_epoch`` may jump to any epoch.
+
+Stream. One DALI pipeline runs as an endless stream of batches across epoch ends (no rebuild, no bubble): DALI's
+iteration counter maps to (epoch, position) through an anchor fixed when the pipeline is built. ``set_epoch`` to
+where the stream already is keeps it; any other jump rebuilds the pipeline there (``load_state_dict`` rebuilds it
+from the saved DALI checkpoint).
+
+Resume granularity: one batch, exactly. ``state_dict`` records (epoch, position) and the DALI pipeline checkpoint
+(the state of every random operator), so a loader restored from it yields the same order *and the same augmented
+pixels* as the uninterrupted one. Without a usable pipeline checkpoint (another DALI version, changed augmentation
+settings) the order is still exact and the augmentation stream restarts from a seed derived from
+(seed, shard, epoch, position).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import nvidia.dali as dali
+from nvidia.dali import types
+
+from .augment import default_eval_resize, eval_graph, two_view_graph
+from .sources import Source, build_source
+
+ORDER_STREAM = 0x5D1C
+"""Mixed into the shuffle seed so the sample order is not correlated with other streams drawn from the same seed."""
+EVAL_SUBSET_SEED = 1234
+"""Fixed seed of the evaluation subset when ``max_images`` caps a split (independent of the run's seed)."""
+
+
+def _seed_from(*parts: int) -> int:
+    """A 31-bit seed (DALI takes a signed int) that is a pure function of ``parts``."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _dali_dtype(device: torch.device, dtype: torch.dtype):
+    # fp16 can be produced by crop_mirror_normalize directly on the GPU (half the output traffic); bf16 has no DALI
+    # output type, and on the CPU the fp32 → bf16/fp16 cast is one cheap pass in torch.
+    return types.FLOAT16 if (device.type == "cuda" and dtype == torch.float16) else types.FLOAT
+
+
+def _device_args(device: torch.device) -> tuple[str, int | None]:
+    if device.type == "cuda":
+        return "gpu", device.index if device.index is not None else torch.cuda.current_device()
+    if device.type != "cpu":
+        raise ValueError(f"device must be cpu or cuda, got '{device}'")
+    return "cpu", None  # DALI CPU pipelines need device_id=None
+
+
+def _to_torch(tensor_list, device: torch.device, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """A dense DALI batch → torch without a copy (DLPack; on the GPU it orders DALI's stream before torch's)."""
+    t = tensor_list.as_tensor()
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            x = torch.from_dlpack(t)
+    else:
+        x = torch.from_dlpack(t)
+    if channels_last:
+        x = x.permute(0, 3, 1, 2)  # (B, H, W, C) storage viewed as (B, C, H, W): channels_last strides, no copy
+    return x if x.dtype == dtype else x.to(dtype)  # preserve_format keeps the NHWC strides
+
+
+class TrainLoader:
+    """Two-view SimCLR batches of one shard. ``for view_a, view_b in loader`` yields the rest of the current epoch;
+    when that ends (or was already used up) the loader stands at the start of the next epoch."""
+
+    def __init__(self, source: Source, cfg, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
+                 device: torch.device, dtype: torch.dtype = torch.float32, channels_last: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_shards < 1 or not 0 <= shard_id < num_shards:
+            raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
+        self.source, self.cfg = source, cfg
+        self.batch_size, self.shard_id, self.num_shards = batch_size, shard_id, num_shards
+        self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
+        self._dali_device, self._device_id = _device_args(self.device)
+        self._batches = len(source) // num_shards // batch_size
+        if self._batches < 1:
+            raise ValueError(f"batch size {batch_size} × {num_shards} shard(s) is more than the {len(source)} samples "
+                             f"of {source.name}: lower the batch size (train.global_batch_size)")
+        self.epoch, self.position = 0, 0
+        self._pipe = None
+        self._pipe_g0 = 0        # global batch of the pipeline's first output after the build (or restore)
+        self._pipe_next = 0      # global batch (epoch·len + position) the pipeline's next output belongs to
+        self._pipe_iter0 = 0     # DALI iteration of the pipeline's first output after the build (or restore)
+        self._pipe_runs = 0      # outputs taken from it since then
+        self._pipe_seed = 0
+        self._restore = None     # a DALI checkpoint to build the next pipeline from
+        self._orders: dict[int, np.ndarray] = {}
+        self._ahead: dict[int, object] = {}
+        self._reader = ThreadPoolExecutor(max_workers=1) if source.encoded else None
+
+    # ---------------------------------------------------------------------------------------------------------- #
+    def __len__(self) -> int:
+        """Batches per epoch on this shard (the incomplete last batch is dropped)."""
+        return self._batches
+
+    @property
+    def num_samples(self) -> int:
+        """Samples used per epoch over all shards."""
+        return self._batches * self.batch_size * self.num_shards
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """(len, batch_size) source indices of this shard's batches in ``epoch``."""
+        order = self._orders.get(epoch)
+        if order is None:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.cfg.seed, epoch, ORDER_STREAM])))
+            perm = rng.permutation(len(self.source))[: self.num_samples]
+            order = perm[self.shard_id:: self.num_shards].reshape(self._batches, self.batch_size)
+            # Keep this epoch and the previous one; a new dict (not an update) because the read-ahead thread reads
+            # this cache too.
+            previous = self._orders.get(epoch - 1)
+            self._orders = {epoch: order} if previous is None else {epoch - 1: previous, epoch: order}
+        return order
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch at the next iteration."""
+        self.epoch, self.position = int(epoch), 0
+        self._sync()
+
+    def _global(self) -> int:
+        return self.epoch * self._batches + self.position
+
+    def _sync(self) -> None:
+        """Drop the pipeline if its next output is not the batch the loader must yield next."""
+        if self._pipe is not None and self._pipe_next != self._global():
+            self._drop_pipe()
+
+    # ---------------------------------------------------------------------------------------------------------- #
+    def _read(self, g: int):
+        epoch, pos = divmod(g, self._batches)
+        return self.source.read(self.epoch_order(epoch)[pos])
+
+    def _read_batch(self, info):
+        """DALI's external-source callback: batch of DALI iteration ``info.iteration``."""
+        g = self._pipe_g0 + info.iteration - self._pipe_iter0
+        fut = self._ahead.pop(g, None)
+        batch = fut.result() if fut is not None else self._read(g)
+        if self._reader is not None:
+            # File reads release the GIL: fetch the next batch's bytes on a thread while the step runs.
+            self._ahead = {g + 1: self._reader.submit(self._read, g + 1)}
+        return batch
+
+    def _fingerprint(self) -> str:
+        """What a DALI checkpoint depends on: the graph and the stream mapping."""
+        c = self.cfg
+        key = repr((dali.__version__, c.augment, c.image_size, c.seed, len(self.source), self.source.encoded,
+                    self.batch_size, self.shard_id, self.num_shards, self._dali_device,
+                    _dali_dtype(self.device, self.dtype), self.channels_last))
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def _build_pipe(self) -> None:
+        g0 = self._global()
+        restore, self._restore = self._restore, None
+        if restore is not None:
+            seed, iter0, checkpoint = restore["seed"], restore["iteration"], restore["checkpoint"]
+        else:
+            seed, iter0, checkpoint = _seed_from(self.cfg.seed, self.shard_id, g0), 0, None
+        self._pipe_g0, self._pipe_iter0, self._pipe_next, self._pipe_runs, self._pipe_seed = g0, iter0, g0, 0, seed
+        self._ahead = {}
+        kw = {} if checkpoint is None else {"checkpoint": checkpoint}
+        self._pipe = two_view_graph(
+            read_batch=self._read_batch, encoded=self.source.encoded, aug=self.cfg.augment,
+            image_size=self.cfg.image_size, device=self._dali_device, dtype=_dali_dtype(self.device, self.dtype),
+            channels_last=self.channels_last, batch_size=self.batch_size, num_threads=self.cfg.num_threads,
+            device_id=self._device_id, seed=seed, prefetch_queue_depth=self.cfg.prefetch,
+            enable_conditionals=self.cfg.augment.blur_p > 0, enable_checkpointing=True, **kw)
+        self._pipe.build()
+
+    def _drop_pipe(self) -> None:
+        self._pipe = None  # DALI stops its worker threads when the pipeline is garbage-collected
+        self._ahead = {}
+
+    def __iter__(self):
+        """The rest of the current epoch (nothing if it is used up), then the loader moves on to the next epoch."""
+        while self.position < self._batches:
+            if self._pipe is None:
+                self._build_pipe()
+            view_a, view_b = self._pipe.run()
+            self._pipe_runs += 1
+            self._pipe_next += 1
+            self.position += 1
+            yield (_to_torch(view_a, self.device, self.dtype, self.channels_last),
+                   _to_torch(view_b, self.device, self.dtype, self.channels_last))
+        self.epoch, self.position = self.epoch + 1, 0
+
+    # ---------------------------------------------------------------------------------------------------------- #
+    def state_dict(self) -> dict:
+        state = {"epoch": self.epoch, "position": self.position, "batch_size": self.batch_size,
+                 "num_shards": self.num_shards, "shard_id": self.shard_id, "dataset_size": len(self.source),
+                 "seed": self.cfg.seed}
+        if self._pipe is not None:
+            state["pipeline"] = {"checkpoint": self._pipe.checkpoint(), "iteration": self._pipe_iter0 + self._pipe_runs,
+                                 "seed": self._pipe_seed, "fingerprint": self._fingerprint()}
+        elif self._restore is not None:  # restored but not run yet: hand the pending stream state on unchanged
+            state["pipeline"] = dict(self._restore)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``'s epoch and position; the same augmentation stream if its pipeline state fits."""
+        for key, mine in (("batch_size", self.batch_size), ("num_shards", self.num_shards),
+                          ("dataset_size", len(self.source))):
+            if key in state and state[key] != mine:
+                raise ValueError(f"loader state was saved with {key} {state[key]}, this loader has {mine}: the "
+                                 "position cannot be carried over; call set_epoch() to start the epoch afresh")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._drop_pipe()
+        self._restore = None
+        pipe_state = state.get("pipeline")
+        if pipe_state is not None:
+            if pipe_state.get("fingerprint") == self._fingerprint():
+                self._restore = pipe_state
+            else:
+                warnings.warn("loader state: the saved augmentation stream does not fit this loader (settings "
+                              "changed); the sample order resumes exactly, the random augmentations restart")
+
+    def close(self) -> None:
+        self._drop_pipe()
+        if self._reader is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
+
+
+class EvalLoader:
+    """Deterministic (images, labels) batches of a whole split, in source order; the last batch may be short."""
+
+    def __init__(self, source: Source, cfg, *, batch_size: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32, channels_last: bool = True, max_images: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_images < 0:
+            raise ValueError(f"max_images must be >= 0, got {max_images}")
+        self.source, self.cfg, self.batch_size = source, cfg, batch_size
+        self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
+        self._dali_device, self._device_id = _device_args(self.device)
+        self.indices = np.arange(len(source))
+        if 0 < max_images < len(source):
+            # A fixed random subset, not the first images: class folders are listed class by class.
+            rng = np.random.Generator(np.random.PCG64(EVAL_SUBSET_SEED))
+            self.indices = np.sort(rng.choice(len(source), max_images, replace=False))
+        self.labels = torch.from_numpy(source.labels[self.indices])
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.indices)
+
+    def _read_batch(self, info):
+        start = info.iteration * self.batch_size
+        if start >= len(self.indices):
+            raise StopIteration  # DALI's end-of-data signal; every batch before it is still delivered
+        return self.source.read(self.indices[start:start + self.batch_size])
+
+    def __iter__(self):
+        # A fresh pipeline per pass (a few milliseconds): a pass abandoned half-way leaves nothing behind.
+        pipe = eval_graph(
+            read_batch=self._read_batch, encoded=self.source.encoded, aug=self.cfg.augment,
+            image_size=self.cfg.image_size, resize_to=default_eval_resize(self.cfg.image_size, self.cfg.eval_resize),
+            device=self._dali_device, dtype=_dali_dtype(self.device, self.dtype), channels_last=self.channels_last,
+            batch_size=self.batch_size, num_threads=self.cfg.num_threads, device_id=self._device_id, seed=0,
+            prefetch_queue_depth=self.cfg.prefetch)
+        pipe.build()
+        for b in range(len(self)):
+            (images,) = pipe.run()
+            labels = self.labels[b * self.batch_size:(b + 1) * self.batch_size]
+            yield (_to_torch(images, self.device, self.dtype, self.channels_last),
+                   labels.to(self.device, non_blocking=True))
+
+
+def build_train_loader(cfg, *, batch_size: int, shard_id: int = 0, num_shards: int = 1, device: torch.device,
+                       dtype: torch.dtype = torch.float32, channels_last: bool = True) -> TrainLoader:
+    """The training loader of ``cfg`` (a :class:`fastclr.config.DataConfig`) for one shard (rank)."""
+    return TrainLoader(build_source(cfg, "train"), cfg, batch_size=batch_size, shard_id=shard_id,
+                       num_shards=num_shards, device=device, dtype=dtype, channels_last=channels_last)
+
+
+def build_eval_loader(cfg, split: str, *, batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                      channels_last: bool = True, max_images: int = 0) -> EvalLoader:
+    """Evaluation loader: 'train' = the training set without augmentation (kNN bank, linear probe), 'test' = the
+    held-out split."""
+    return EvalLoader(build_source(cfg, split), cfg, batch_size=batch_size, device=device, dtype=dtype,
+                      channels_last=channels_last, max_images=max_images)

@@ -1,0 +1,295 @@
+"""Where images come from: indexable lists of samples, read on the host and handed to DALI.
+
+A sample is either encoded image bytes (JPEG, PNG, ...; DALI decodes each one once per use) or an already decoded
+HWC uint8 array (in-memory datasets, no decode). Every source carries int64 labels, -1 where unknown: training
+ignores them, evaluation needs them. Sources only list and read; ordering, sharding and augmentation live in
+:mod:`fastclr.data.loader` and :mod:`fastclr.data.augment`.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import tarfile
+from collections import defaultdict
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pnm", ".ppm", ".pgm")
+"""Formats DALI's image decoder reads; other files in a folder or tar are ignored."""
+
+LABEL_EXTENSIONS = (".cls", ".label")
+"""webdataset-style label members: a text integer next to the image with the same key."""
+
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+"""The digits train/test split is fixed (not cfg.seed): evaluation numbers stay comparable across runs."""
+
+
+class Source:
+    """A fixed list of samples. ``read(indices)`` returns one batch in the order given."""
+
+    encoded: bool
+    """True: samples are 1-D uint8 arrays of encoded image bytes; False: (H, W, 3) uint8 pixel arrays."""
+    labels: np.ndarray
+    """(N,) int64 class indices, -1 where the source has none."""
+    classes: tuple[str, ...] = ()
+    """Class names by index, where the source knows them."""
+    name: str = ""
+    """Where the samples come from, for messages."""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, indices: np.ndarray):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self)} samples)"
+
+
+class ArraySource(Source):
+    """Decoded images held in memory, shape (N, H, W, 3) uint8; fed to DALI without a decode step."""
+
+    encoded = False
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, name: str = "arrays",
+                 classes: tuple[str, ...] = ()):
+        images = np.ascontiguousarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"{name}: images must be a (N, H, W, 3) uint8 array, got {images.dtype} {images.shape}")
+        if labels is None:
+            labels = np.full(len(images), -1)
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (len(images),):
+            raise ValueError(f"{name}: labels must have shape ({len(images)},), got {labels.shape}")
+        self.images, self.labels, self.name, self.classes = images, labels, name, tuple(classes)
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        return self.images[indices]  # (B, H, W, 3): one dense batch, a single copy into DALI
+
+
+class FileSource(Source):
+    """Image files on disk (folder or file list)."""
+
+    encoded = True
+
+    def __init__(self, paths: list[str], labels: np.ndarray, name: str, classes: tuple[str, ...] = ()):
+        self.paths, self.labels, self.name, self.classes = list(paths), np.asarray(labels, np.int64), name, classes
+
+    def read(self, indices: np.ndarray) -> list[np.ndarray]:
+        return [np.fromfile(self.paths[i], dtype=np.uint8) for i in indices]
+
+
+class TarSource(Source):
+    """Image members of uncompressed tar files, read in place by byte offset (no extraction)."""
+
+    encoded = True
+
+    def __init__(self, tars: list[str], tar_index: np.ndarray, offsets: np.ndarray, sizes: np.ndarray,
+                 labels: np.ndarray, name: str, classes: tuple[str, ...] = ()):
+        self.tars, self.tar_index, self.offsets, self.sizes = tars, tar_index, offsets, sizes
+        self.labels, self.name, self.classes = np.asarray(labels, np.int64), name, classes
+
+    def read(self, indices: np.ndarray) -> list[np.ndarray]:
+        out: list = [None] * len(indices)
+        by_tar = defaultdict(list)
+        for slot, i in enumerate(indices):
+            by_tar[int(self.tar_index[i])].append((slot, int(i)))
+        for t, items in by_tar.items():
+            # One handle per tar and call: read() may run on a read-ahead thread, so no handle is shared.
+            with open(self.tars[t], "rb") as f:
+                for slot, i in items:
+                    f.seek(self.offsets[i])
+                    out[slot] = np.frombuffer(f.read(self.sizes[i]), dtype=np.uint8)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------- #
+# digits: scikit-learn's bundled 8x8 handwritten digits (Alpaydin & Kaynak 1998), no download
+
+
+def render_digits(images: np.ndarray, image_size: int) -> np.ndarray:
+    """(N, 8, 8) grey levels 0–16 → (N, S, S, 3) uint8: ink 16 → 255 on a black background, bilinear upsampling
+    (half-pixel centres, edges clamped), the grey value copied to R, G and B."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.asarray(images, np.float32) * (255.0 / 16.0))[:, None]  # (N, 1, 8, 8)
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = x.round_().clamp_(0, 255).to(torch.uint8)[:, 0]  # (N, S, S)
+    return np.ascontiguousarray(np.repeat(x.numpy()[..., None], 3, axis=-1))
+
+
+def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images (n, 8, 8) grey 0–16, labels (n,)) of a fixed stratified 80/20 split: 1,437 train, 360 test."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    tr, te = train_test_split(np.arange(len(d.target)), test_size=DIGITS_TEST_FRACTION, stratify=d.target,
+                              random_state=DIGITS_SPLIT_SEED)
+    idx = np.sort(tr if split == "train" else te)
+    return d.images[idx], d.target[idx].astype(np.int64)
+
+
+def digits_source(split: str, image_size: int) -> ArraySource:
+    _check_split(split)
+    images, labels = digits_split(split)
+    return ArraySource(render_digits(images, image_size), labels, name=f"digits[{split}]",
+                       classes=tuple(str(i) for i in range(10)))
+
+
+# --------------------------------------------------------------------------------------------------------------- #
+# folder, file list, tar shards
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def folder_classes(root: str) -> tuple[str, ...]:
+    """Sorted names of the visible sub-folders of ``root``: class index = position in this list."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder '{root}' does not exist (expected root/<class>/<image files>)")
+    return tuple(sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")))
+
+
+def folder_source(root: str, classes: tuple[str, ...] | None = None) -> FileSource:
+    """``root/<class>/**/<image>``; class index = position of the folder name in ``classes`` (default: the sorted
+    sub-folders of ``root``; pass the training folder's classes for a held-out folder so indices agree)."""
+    found = folder_classes(root)
+    classes = tuple(classes) if classes is not None else found
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        raise ValueError(f"image folder '{root}' has class folders {extra[:5]} that the training classes lack")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(root, name)
+        if not os.path.isdir(class_dir):
+            continue  # a held-out folder may lack a class
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames.sort()  # os.walk order is the file system's: sort for a reproducible sample list
+            for f in sorted(filenames):
+                if _is_image(f) and not f.startswith("."):
+                    paths.append(os.path.join(dirpath, f))
+                    labels.append(label)
+    if not paths:
+        raise FileNotFoundError(f"image folder '{root}' holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...) "
+                                "in class sub-folders (expected root/<class>/<image files>)")
+    return FileSource(paths, np.array(labels, np.int64), name=root, classes=classes)
+
+
+def filelist_source(list_path: str) -> FileSource:
+    """A text file of ``path [label]`` lines; relative paths are relative to the list's folder. Blank lines and
+    ``#`` comments are skipped. Either every line has an integer label or none has (labels are then -1)."""
+    if not os.path.isfile(list_path):
+        raise FileNotFoundError(f"file list '{list_path}' does not exist (expected lines 'path [label]')")
+    base = os.path.dirname(os.path.abspath(list_path))
+    paths, labels = [], []
+    with open(list_path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(None, 1)
+            label = -1
+            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+                line, label = parts[0], int(parts[1])
+            if paths and (label < 0) != (labels[-1] < 0):
+                raise ValueError(f"file list '{list_path}' line {lineno}: some lines have a label and others do "
+                                 "not; give every line a non-negative integer label or none")
+            paths.append(line if os.path.isabs(line) else os.path.join(base, line))
+            labels.append(label)
+    if not paths:
+        raise FileNotFoundError(f"file list '{list_path}' lists no images")
+    # Checking every file would cost a stat per image (minutes on network storage); the first one catches the usual
+    # mistake, a wrong base folder. A file missing later fails when read, naming its path.
+    if not os.path.isfile(paths[0]):
+        raise FileNotFoundError(f"file list '{list_path}': first listed image '{paths[0]}' does not exist "
+                                f"(relative paths are taken relative to '{base}')")
+    return FileSource(paths, np.array(labels, np.int64), name=list_path)
+
+
+def tar_files(pattern: str) -> list[str]:
+    """A tar file, a folder of ``*.tar`` or a glob such as ``shards/train-*.tar``, sorted."""
+    if os.path.isdir(pattern):
+        files = sorted(glob.glob(os.path.join(pattern, "*.tar")))
+    elif glob.has_magic(pattern):
+        files = sorted(glob.glob(pattern))
+    else:
+        files = [pattern] if os.path.isfile(pattern) else []
+    if not files:
+        raise FileNotFoundError(f"tar shards '{pattern}' match no file (give a .tar file, a folder or a glob)")
+    return files
+
+
+def _sample_key(member_name: str) -> str:
+    """webdataset convention: the key is the member path up to the first dot of its file name."""
+    head, tail = os.path.split(member_name)
+    return os.path.join(head, tail.split(".", 1)[0])
+
+
+def tar_source(pattern: str, classes: tuple[str, ...] | None = None) -> TarSource:
+    """Image members of uncompressed tars, in tar order. Label: a same-key ``.cls``/``.label`` member if present
+    (webdataset), else the index of the member's parent folder among ``classes`` (default: the sorted parent folder
+    names; ``train/<class>/<file>.jpg`` layouts), else -1."""
+    files = tar_files(pattern)
+    tar_idx, offsets, sizes, names, explicit = [], [], [], [], {}
+    for t, path in enumerate(files):
+        try:
+            with tarfile.open(path, mode="r:") as tf:  # "r:" refuses compressed tars: they cannot be read in place
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    low = m.name.lower()
+                    if low.endswith(IMAGE_EXTENSIONS):
+                        tar_idx.append(t), offsets.append(m.offset_data), sizes.append(m.size), names.append(m.name)
+                    elif low.endswith(LABEL_EXTENSIONS):
+                        explicit[(t, _sample_key(m.name))] = int(tf.extractfile(m).read().decode().strip())
+        except tarfile.ReadError as e:
+            raise ValueError(f"tar shard '{path}' cannot be read as an uncompressed tar ({e})") from None
+    if not names:
+        raise FileNotFoundError(f"tar shards '{pattern}' hold no image members "
+                                f"({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
+    parents = [os.path.basename(os.path.dirname(n)) for n in names]
+    if classes is None:
+        classes = tuple(sorted(set(parents))) if all(parents) else ()
+    class_index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([explicit.get((t, _sample_key(n)), class_index.get(p, -1))
+                       for t, n, p in zip(tar_idx, names, parents)], np.int64)
+    return TarSource(files, np.array(tar_idx, np.int32), np.array(offsets, np.int64), np.array(sizes, np.int64),
+                     labels, name=pattern, classes=tuple(classes))
+
+
+# --------------------------------------------------------------------------------------------------------------- #
+
+SPLITS = ("train", "test")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+
+
+def build_source(cfg, split: str) -> Source:
+    """The source of ``split`` for a :class:`fastclr.config.DataConfig`: 'train' reads ``cfg.path``, 'test' reads
+    ``cfg.eval_path`` (digits: the fixed 80/20 split). Fails before any compute, naming the missing path."""
+    _check_split(split)
+    if cfg.dataset == "digits":
+        return digits_source(split, cfg.image_size)
+    path, field = (cfg.path, "data.path") if split == "train" else (cfg.eval_path, "data.eval_path")
+    if not path:
+        raise ValueError(f"config field '{field}': dataset '{cfg.dataset}' needs a path for the '{split}' split "
+                         "(held-out labelled data of the same kind as data.path)")
+    if cfg.dataset == "folder":
+        classes = folder_classes(cfg.path) if split == "test" and os.path.isdir(cfg.path) else None
+        return folder_source(path, classes)
+    if cfg.dataset == "filelist":
+        return filelist_source(path)
+    if cfg.dataset == "tar":
+        classes = None
+        if split == "test":
+            train = tar_source(cfg.path)
+            classes = train.classes or None
+        return tar_source(path, classes)
+    raise ValueError(f"config field 'data.dataset': unknown dataset '{cfg.dataset}'")
