@@ -256,6 +256,9 @@ class LoggingConfig:
     tensorboard: bool = True
     progress: bool = True
     """A progress bar on rank 0 (plain periodic lines when stdout is not a terminal)."""
+    timers: bool = False
+    """Per-phase step times (data wait, forward, loss, backward, communication, optimizer) in the metrics. On GPU this
+    synchronizes the device around each phase, which costs throughput: turn on to find where time goes."""
 
     def __post_init__(self):
         _check(bool(self.dir), "logging.dir", "must not be empty")

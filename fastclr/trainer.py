@@ -21,7 +21,7 @@ import torch
 from . import checkpoint
 from .config import BatchPlan, Config, ConfigError, deepspeed_config, to_dict, validate_run
 from .eval import evaluate_encoder
-from .metrics import MetricsLogger, Progress, plot_run
+from .metrics import MetricsLogger, PhaseTimer, Progress, plot_run
 from .runtime import Runtime, barrier
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -128,6 +128,9 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=lars,
                                                                  config=deepspeed_config(cfg, plan))
         self.model = self.engine.module
+        # The gradient all-reduce is called by the trainer (not inside backward) so that it can be timed on its own.
+        self.engine.enable_backward_allreduce = False
+        self.timer = PhaseTimer(cfg.logging.timers, rt.device)
         self._memory_format = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
         if cfg.precision.channels_last:
             # After initialize: DeepSpeed broadcasts rank 0's parameters as byte views, which needs contiguous
@@ -159,19 +162,38 @@ class Trainer:
                      final_lr=self.cfg.optim.final_lr)
 
     def train_step(self, view_a: torch.Tensor, view_b: torch.Tensor) -> torch.Tensor:
-        """One micro-batch: forward, loss, backward; the engine steps LARS at accumulation boundaries."""
+        """One micro-batch: forward, loss, backward, and at accumulation boundaries the gradient all-reduce and LARS."""
         from .losses import nt_xent
 
+        timer = self.timer
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x = torch.cat([view_a, view_b])  # (2B, 3, H, W), channels_last preserved by cat
-        z = self.engine(x)  # (2B, d); the engine applies autocast
-        z_a, z_b = z.chunk(2)
-        loss = nt_xent(z_a, z_b, temperature=self.cfg.loss.temperature, impl=self.cfg.loss.impl, group=self.loss_group)
-        self.engine.backward(loss)
-        self.engine.step()
+        with timer.phase("forward"):
+            x = torch.cat([view_a, view_b])  # (2B, 3, H, W), channels_last preserved by cat
+            z = self.engine(x)  # (2B, d); the engine applies autocast
+        with timer.phase("loss"):
+            z_a, z_b = z.chunk(2)
+            loss = nt_xent(z_a, z_b, temperature=self.cfg.loss.temperature, impl=self.cfg.loss.impl,
+                           group=self.loss_group)
+        with timer.phase("backward"):
+            self.engine.backward(loss)
+        if self.engine.is_gradient_accumulation_boundary():
+            with timer.phase("comm"):
+                self.engine.allreduce_gradients()
+        with timer.phase("optimizer"):
+            self.engine.step()
         return loss.detach()
+
+    def _batches(self):
+        """The loader's batches, with the time spent waiting for each billed to the 'data' phase."""
+        it = iter(self.loader)
+        while True:
+            with self.timer.phase("data"):
+                batch = next(it, None)
+            if batch is None:
+                return
+            yield batch
 
     def train(self) -> dict:
         """Train to the end (or to a stop request), checkpoint, evaluate. The result has ``stop_reason``: None for a
@@ -210,7 +232,7 @@ class Trainer:
         accumulation = self.plan.accumulation
         micro_per_epoch = self.steps_per_epoch * accumulation
         position = self.loader.state_dict()["position"]
-        for view_a, view_b in self.loader:
+        for view_a, view_b in self._batches():
             self._loss_sum += self.train_step(view_a, view_b)
             self._n_loss += 1
             position += 1
@@ -260,7 +282,8 @@ class Trainer:
         lr = self.lr_at(self.step - 1)
         self.metrics.log("train", self.step, {"loss": mean_loss, "lr": lr, "images_per_s": ips,
                                               "images_per_s_per_device": ips / self.rt.world_size,
-                                              "epoch": self.step / self.steps_per_epoch})
+                                              "epoch": self.step / self.steps_per_epoch,
+                                              **self.timer.pop_ms_per_step(self.step - self._step_log)})
         self._loss_sum.zero_()
         self._n_loss, self._t_log, self._step_log = 0, now, self.step
         return f"loss {mean_loss:.4f} lr {lr:.3g} {ips:.0f} img/s"
