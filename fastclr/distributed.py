@@ -1,0 +1,189 @@
+"""Collectives that must carry gradients across ranks.
+
+Every cross-rank operation whose result feeds the loss lives here and is tested on gloo against the single-process
+result (tests/test_distributed.py): a collective without a backward silently drops the gradient of every other
+rank's contribution, which trains but learns from a fraction of the negatives.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def resolve_group(group):
+    """``None`` -> None (local only), ``"world"`` -> the default group, a ProcessGroup -> itself; checked."""
+    if group is None:
+        return None
+    if isinstance(group, str):
+        if group != "world":
+            raise ValueError(f"group must be None, 'world' or a torch.distributed ProcessGroup, got the string {group!r}")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("group='world' needs an initialized default process group "
+                             "(torch.distributed.init_process_group); pass group=None for local negatives")
+        return dist.group.WORLD
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("group was given but torch.distributed is not initialized; call init_process_group first")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be None, 'world' or a torch.distributed ProcessGroup, got {type(group).__name__}")
+    return group
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's ``x`` along dim 0 (rank order); backward sums the gradient over ranks.
+
+    Rank q's output is consumed by rank q's loss L_q, so the gradient that reaches this rank's ``x`` must be
+    Σ_q ∂L_q/∂x — the sum over ranks of the slice of each rank's incoming gradient that belongs to this rank.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        world = dist.get_world_size(group)
+        ctx.group, ctx.world, ctx.rank = group, world, dist.get_rank(group)
+        x = x.contiguous()
+        out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))  # (W·n, ...)
+        dist.all_gather_into_tensor(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        n = grad.shape[0] // ctx.world
+        if dist.get_backend(ctx.group) == "nccl":
+            # reduce-scatter moves half the bytes of an all-reduce and leaves exactly this rank's slice.
+            mine = grad.new_empty((n,) + tuple(grad.shape[1:]))
+            dist.reduce_scatter_tensor(mine, grad, op=dist.ReduceOp.SUM, group=ctx.group)
+            return mine, None
+        # gloo has no reduce-scatter: all-reduce a copy (the incoming gradient may be shared) and keep our slice.
+        total = grad.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total[ctx.rank * n:(ctx.rank + 1) * n], None
+
+
+def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``x`` (same shape on every rank) concatenated along dim 0 in rank order, differentiably.
+
+    ``group``: a ProcessGroup, ``"world"`` or None (the default group). Backward returns, on each rank, the sum over
+    ranks of the gradient that reached this rank's slice. With each rank's loss a mean over its own samples and the
+    data-parallel gradient *averaged* over ranks (DDP/DeepSpeed default), the update then equals the single-process
+    one on the concatenated batch: this rank's ``x.grad`` is world_size × the single-process gradient of its slice,
+    and the 1/world_size of the averaging cancels it.
+    """
+    if group is None:
+        group = resolve_group("world")
+    else:
+        group = resolve_group(group)
+    if dist.get_world_size(group) == 1:
+        return x
+    return _AllGatherWithGrad.apply(x, group)
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+# Global BatchNorm: statistics over every rank of a group (SimCLR's "global BN", Chen et al. 2020, sec. 2)
+
+
+def _bn_group(group_size: int):
+    """The process group of this rank when ranks are split into consecutive groups of ``group_size``.
+
+    Every rank must create every group, in the same order (a torch.distributed rule), so this is collective.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if group_size <= 0 or world % group_size:
+        raise ValueError(f"bn_group_size {group_size} must divide the world size {world}")
+    if group_size == world:
+        return dist.group.WORLD
+    mine = None
+    for start in range(0, world, group_size):
+        g = dist.new_group(list(range(start, start + group_size)))
+        if start <= rank < start + group_size:
+            mine = g
+    return mine
+
+
+class _GlobalBNFunction(torch.autograd.Function):
+    """Training-mode batch norm whose mean/variance and input gradient use sums over the group's ranks.
+
+    Statistics are fp32 whatever the input dtype. Forward all-reduces (Σx, Σx², n) per channel in one collective;
+    backward all-reduces (Σdy, Σdy·x̂), because every input influenced the shared statistics. Weight/bias gradients
+    stay local: the data-parallel gradient averaging combines them like every other parameter gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
+        dims = [0] + list(range(2, x.dim()))  # every dim but channels
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        n_local = x.numel() // x.shape[1]
+        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims),
+                           torch.full((1,), float(n_local), device=x.device)])  # (2C+1,)
+        dist.all_reduce(stats, group=group)
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)  # biased, as used for normalization
+        invstd = torch.rsqrt(var + eps)
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+                running_var.mul_(1 - momentum).add_(var * (n / (n - 1).clamp_min(1)), alpha=momentum)
+        xhat = (xf - mean.view(shape)) * invstd.view(shape)
+        y = xhat * weight.float().view(shape) + bias.float().view(shape) if weight is not None else xhat
+        ctx.save_for_backward(x, weight, mean, invstd, n)
+        ctx.group, ctx.dims, ctx.shape = group, dims, shape
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, invstd, n = ctx.saved_tensors
+        dims, shape = ctx.dims, ctx.shape
+        dyf = dy.float()
+        xhat = (x.float() - mean.view(shape)) * invstd.view(shape)
+        sum_dy = dyf.sum(dims)
+        sum_dy_xhat = (dyf * xhat).sum(dims)
+        c = x.shape[1]
+        both = torch.cat([sum_dy, sum_dy_xhat])
+        dist.all_reduce(both, group=ctx.group)
+        g_dy, g_dy_xhat = both[:c] / n, both[c:] / n
+        scale = invstd if weight is None else invstd * weight.float()
+        dx = (dyf - g_dy.view(shape) - xhat * g_dy_xhat.view(shape)) * scale.view(shape)
+        dw = sum_dy_xhat.to(weight.dtype) if weight is not None else None
+        db = sum_dy.to(weight.dtype) if weight is not None else None
+        return dx.to(x.dtype), dw, db, None, None, None, None, None
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the whole group's batch, for any input rank ≥ 2 (2-d heads and 4-d conv maps alike).
+
+    On CUDA with NCCL the model uses ``torch.nn.SyncBatchNorm`` instead (fused CUDA kernels); this class is the
+    implementation for gloo/CPU, where SyncBatchNorm refuses to run, and computes the same thing.
+    """
+
+    def __init__(self, num_features, group=None, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.group = group
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"GlobalBatchNorm expects (N, C, ...) input, got shape {tuple(x.shape)}")
+
+    def forward(self, x):
+        self._check_input_dim(x)
+        if not self.training or not dist.is_initialized() or dist.get_world_size(self.group) == 1:
+            return super().forward(x)
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        return _GlobalBNFunction.apply(x, self.weight, self.bias, self.running_mean if self.track_running_stats else None,
+                                       self.running_var if self.track_running_stats else None, self.eps,
+                                       self.momentum, self.group)
+
+
+def global_bn_layer(group_size: int):
+    """A ``norm_layer(num_features)`` factory for the model: BN statistics over groups of ``group_size`` ranks."""
+    group = _bn_group(group_size)
+    use_sync = torch.cuda.is_available() and dist.get_backend(group) == "nccl"
+
+    def make(num_features: int):
+        if use_sync:
+            return torch.nn.SyncBatchNorm(num_features, process_group=group)
+        return GlobalBatchNorm(num_features, group=group)
+
+    return make

@@ -1,0 +1,50 @@
+"""The entry point as users run it: bad input fails fast with a message naming it; two gloo ranks train."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "launchers", "pretrain.py")
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.mark.parametrize("args, env_extra, message", [
+    (["data.dataset=folder", "data.path=/no/such/folder", "data.eval_path=/no/such/folder"], {},
+     "'data.path': '/no/such/folder' does not exist"),
+    (["model.arch=resnet51"], {}, "'model.arch': unknown model 'resnet51'"),
+    (["loss.temperature=-0.5"], {}, "'loss.temperature': must be a positive number"),
+    ([], {"WORLD_SIZE": "3", "RANK": "0"}, "'train.global_batch_size': 256 is not divisible by the world size 3"),
+    (["precision.dtype=fp16"], {}, "'precision.dtype': fp16 needs a CUDA GPU"),
+    (["--config", "/no/recipe.yaml"], {}, "config file '/no/recipe.yaml' does not exist"),
+])
+def test_bad_input_fails_before_compute(tmp_path, args, env_extra, message):
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, SCRIPT, *args, f"logging.dir={tmp_path}/run"], env={**_env(), **env_extra},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started, nothing written
+    assert time.monotonic() - t0 < 60
+
+
+def test_two_gloo_ranks_with_the_deepspeed_launcher(tmp_path):
+    deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    args = [deepspeed, "--num_gpus", "2", "--master_port", "29577", SCRIPT, "train.epochs=2", "model.width_mult=0.125",
+            "eval.probe_epochs=5", "logging.tensorboard=false", f"logging.dir={tmp_path}/run",
+            f"checkpoint.dir={tmp_path}/ckpt"]
+    proc = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 rank(s)" in proc.stdout and "RESULT kNN top-1" in proc.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows[-1]["kind"] == "eval" and rows[-2]["step"] == 10
