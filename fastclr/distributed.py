@@ -102,9 +102,11 @@ def _bn_group(group_size: int):
 class _GlobalBNFunction(torch.autograd.Function):
     """Training-mode batch norm whose mean/variance and input gradient use sums over the group's ranks.
 
-    Statistics are fp32 whatever the input dtype. Forward all-reduces (Σx, Σx², n) per channel in one collective;
-    backward all-reduces (Σdy, Σdy·x̂), because every input influenced the shared statistics. Weight/bias gradients
-    stay local: the data-parallel gradient averaging combines them like every other parameter gradient.
+    Statistics are fp32 whatever the input dtype. Forward gathers every rank's (count, mean, variance) per channel in
+    one collective and merges them with Chan et al.'s parallel formula in fp64 — the E[x²] − E[x]² shortcut loses digits
+    to cancellation when |mean| ≫ std. Backward all-reduces (Σdy, Σdy·x̂), because every input influenced the shared
+    statistics. Weight/bias gradients stay local: the data-parallel gradient averaging combines them like every other
+    parameter gradient.
     """
 
     @staticmethod
@@ -112,14 +114,19 @@ class _GlobalBNFunction(torch.autograd.Function):
         dims = [0] + list(range(2, x.dim()))  # every dim but channels
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
-        n_local = x.numel() // x.shape[1]
-        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims),
-                           torch.full((1,), float(n_local), device=x.device)])  # (2C+1,)
-        dist.all_reduce(stats, group=group)
         c = x.shape[1]
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)  # biased, as used for normalization
+        var_l, mean_l = torch.var_mean(xf, dim=dims, unbiased=False)  # (C,), (C,)
+        n_l = torch.full((1,), float(x.numel() // c), device=x.device)
+        mine = torch.cat([n_l, mean_l, var_l])  # (2C+1,)
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, mine, group=group)
+        every = torch.stack(parts).double()  # (W, 2C+1)
+        counts, means, variances = every[:, :1], every[:, 1:c + 1], every[:, c + 1:]
+        n = counts.sum()
+        mean64 = (counts * means).sum(0) / n
+        var64 = (counts * (variances + (means - mean64) ** 2)).sum(0) / n  # biased, as used for normalization
+        mean, var = mean64.float(), var64.float()
+        n = n.float()
         invstd = torch.rsqrt(var + eps)
         if running_mean is not None:
             with torch.no_grad():
