@@ -38,6 +38,7 @@ setup(
         "cuda12": [DALI_CUDA12],
         "cuda13": [DALI_CUDA13],
         "test": ["pytest>=7.4"],
+        "bench": ["kornia>=0.7"],  # only the data benchmark's Kornia baseline
     },
     entry_points={"console_scripts": ["fastclr=fastclr.cli:main"]},
 )

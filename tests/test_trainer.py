@@ -68,6 +68,9 @@ def test_resume_continues_at_the_saved_step_with_identical_state(tmp_path):
 
 def test_preflight_errors_before_compute(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.path.*does not exist"):
-        preflight(_cfg(tmp_path, "data.dataset=folder", f"data.path={tmp_path}/missing"), 1, False)
+        preflight(_cfg(tmp_path, "data.dataset=folder", f"data.path={tmp_path}/missing",
+                       f"data.eval_path={tmp_path}"), 1, False)
+    with pytest.raises(ConfigError, match="data.eval_path"):
+        preflight(_cfg(tmp_path, "data.dataset=folder", f"data.path={tmp_path}"), 1, False)
     with pytest.raises(ConfigError, match="not divisible by the world size 3"):
         preflight(_cfg(tmp_path), 3, False)
