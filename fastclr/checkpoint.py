@@ -41,6 +41,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes files owner-only; checkpoints and exports are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -50,7 +51,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(d)
+    _fsync_dir(d)  # persist the rename itself: without it a power loss can bring the old file back
 
 
 def atomic_torch_save(obj, path: str) -> None:

@@ -7,7 +7,6 @@ For a width-1 backbone with the standard stem the file loads with
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 from torch import nn
@@ -50,26 +49,9 @@ def save_backbone(model: nn.Module, path: str | os.PathLike) -> str:
     The bytes go to a temporary file in the same directory, are fsynced, and then ``os.replace`` swaps it in, so a
     crash at any moment leaves either the previous file or the complete new one, never a truncated file.
     """
-    state = backbone_state_dict(model)
+    from ..checkpoint import atomic_torch_save
+
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the export is meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    # Persist the rename itself (the directory entry); without it a power loss can resurrect the old file.
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_torch_save(backbone_state_dict(model), path)
     return path
