@@ -8,7 +8,6 @@ import sys
 import textwrap
 import time
 
-import pytest
 
 from fastclr import checkpoint
 
