@@ -10,6 +10,9 @@ Update, per tensor w of a group with ``lars=True`` (google-research/simclr ``lar
 Groups with ``lars=False`` (BN parameters and biases, see ``param_groups``) take plain momentum SGD: no weight decay,
 trust 1, as in SimCLR (Chen et al. 2020). ``eps=0`` is the published rule exactly; the default 1e-9 only matters
 when ‖g'‖ is itself that small, where it bounds the ratio.
+
+Both paths form g' in place in ``.grad`` (see ``LARS``) and allocate nothing of parameter size: fresh temporaries
+for 28M parameters cost more on CPU (page faults, cache misses) than the multi-tensor path saves in dispatches.
 """
 from __future__ import annotations
 
@@ -18,46 +21,85 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+CPU_CHUNK_BYTES = 16 << 20
+"""Parameter bytes per multi-tensor call on CPU, where ATen's foreach operators are loops over the per-tensor kernels:
+sweeping one operator over all 112 MB of ResNet-50's weights before the next evicts what the next one reads, so the
+list is walked in chunks. ResNet-50 + head, fp32, 2-core Xeon, same tensors, interleaved steps: one sweep 48.6 ms,
+16 MiB chunks 47.1, 4 MiB 46.0, the per-tensor loop 44.5. 4 MiB would take ~150 calls a step, 16 MiB takes ~70."""
+
 
 def _trust(w_norm: Tensor, g_norm: Tensor, eta: float, eps: float) -> Tensor:
     """η‖w‖/(‖g'‖+eps) where both norms are positive, else 1 — chosen on the device, never on the host."""
-    return torch.where((w_norm > 0) & (g_norm > 0), eta * w_norm / (g_norm + eps), torch.ones_like(w_norm))
+    return torch.where((w_norm > 0) & (g_norm > 0), eta * w_norm / (g_norm + eps), 1.0)
+
+
+def _chunks(params: list[Tensor], budget: int | None) -> list[slice]:
+    """Consecutive runs of ``params`` of at most ``budget`` bytes each (a larger tensor alone); all of it if None."""
+    if budget is None:
+        return [slice(0, len(params))]
+    runs, start, size = [], 0, 0
+    for i, p in enumerate(params):
+        nbytes = p.numel() * p.element_size()
+        if i > start and size + nbytes > budget:
+            runs.append(slice(start, i))
+            start, size = i, 0
+        size += nbytes
+    return runs + [slice(start, len(params))]
 
 
 def _step_foreach(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *, lr: float, momentum: float,
                   weight_decay: float, eta: float, eps: float, lars: bool) -> None:
-    """All tensors of one (device, dtype) bucket at once: a fixed number of multi-tensor kernels."""
+    """All tensors of one (device, dtype) bucket at once: six multi-tensor calls per chunk, and one trust-ratio
+    computation for the whole bucket. On CUDA the bucket is one chunk.
+    """
+    chunks = _chunks(params, CPU_CHUNK_BYTES if params[0].is_cpu else None)
     if lars:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)  # g' (new tensors: .grad stays untouched)
-        w_norm = torch.stack(torch._foreach_norm(params))  # (P,)
-        g_norm = torch.stack(torch._foreach_norm(grads))  # (P,)
-        scale = lr * _trust(w_norm, g_norm, eta, eps)  # (P,)
-        torch._foreach_mul_(grads, scale.unbind(0))  # g' ← lr·trust·g' (a 0-d tensor per tensor: no host read)
-    else:
-        grads = torch._foreach_mul(grads, lr)
-    torch._foreach_mul_(bufs, momentum)
-    torch._foreach_add_(bufs, grads)
-    torch._foreach_sub_(params, bufs)
+        w_norms, g_norms = [], []  # one 0-d tensor per parameter
+        for c in chunks:
+            if weight_decay:
+                torch._foreach_add_(grads[c], params[c], alpha=weight_decay)  # g ← g' = g + wd·w
+            w_norms += torch._foreach_norm(params[c])
+            g_norms += torch._foreach_norm(grads[c])
+        # lr·trust per tensor, (P,), handed out as 0-d tensor views: no value reaches the host.
+        scales = (lr * _trust(torch.stack(w_norms), torch.stack(g_norms), eta, eps)).unbind(0)
+    for c in chunks:
+        torch._foreach_mul_(bufs[c], momentum)
+        if lars:
+            # v ← m·v + lr·trust·g'. On CUDA ATen runs this one call as a kernel per tensor (its multi-tensor kernels
+            # take per-tensor factors only as host scalars, which would need a sync); every other call here is a
+            # multi-tensor kernel.
+            torch._foreach_addcmul_(bufs[c], grads[c], scales[c])
+        else:
+            torch._foreach_add_(bufs[c], grads[c], alpha=lr)  # v ← m·v + lr·g
+        torch._foreach_sub_(params[c], bufs[c])
 
 
 def _step_loop(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *, lr: float, momentum: float,
                weight_decay: float, eta: float, eps: float, lars: bool) -> None:
-    """The same math one tensor at a time (several kernels per tensor): the baseline ``_step_foreach`` replaces."""
+    """The same operators one tensor at a time: the baseline ``_step_foreach`` replaces."""
     for p, g, buf in zip(params, grads, bufs):
         if lars:
-            g = torch.add(g, p, alpha=weight_decay)
-            g = g * (lr * _trust(torch.linalg.vector_norm(p), torch.linalg.vector_norm(g), eta, eps))
+            if weight_decay:
+                g.add_(p, alpha=weight_decay)  # g ← g' = g + wd·w
+            scale = lr * _trust(torch.linalg.vector_norm(p), torch.linalg.vector_norm(g), eta, eps)  # 0-d
+        buf.mul_(momentum)
+        if lars:
+            buf.addcmul_(g, scale)  # v ← m·v + lr·trust·g'
         else:
-            g = g * lr
-        buf.mul_(momentum).add_(g)
+            buf.add_(g, alpha=lr)  # v ← m·v + lr·g
         p.sub_(buf)
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS with per-group ``lars: bool`` (default True). ``foreach=False`` runs the per-tensor loop instead.
+    """LARS with per-group ``lars: bool`` (default True). ``foreach=False`` runs the per-tensor loop instead: the same
+    kernels with ~17x more operator calls (ResNet-50), each a kernel launch on a GPU. On CPU, where those calls are
+    cheap next to the memory traffic, the loop keeps each tensor in cache across its operators and runs ~5% faster
+    (see ``CPU_CHUNK_BYTES``).
 
     Works on fp32 (master) parameters; ``step`` never reads a tensor value on the host, so it does not synchronize
-    with the device.
+    with the device. ``step`` overwrites the ``.grad`` of every parameter in a group with ``lars=True`` and
+    ``weight_decay > 0`` with g' = g + wd·w: gradients are consumed by the step (the training engine clears them
+    right after it), and reading them afterwards gives g', not g.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
