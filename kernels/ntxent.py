@@ -1,0 +1,317 @@
+"""NT-Xent (SimCLR) forward and backward as Triton kernels: blockwise online log-sum-exp, recompute in backward.
+
+Same algorithm and anchor layout as the PyTorch twin fastclr/losses/tiled.py, whose docstring derives the gradient.
+``rows`` (M, d) are this rank's M = 2n normalized anchors ``[z_a[o:o+n]; z_b[o:o+n]]``, ``cols`` (2N, d) the
+normalized embeddings of the whole batch ``[z_a; z_b]``; anchor i < n has its own column at o+i and its positive
+at N+o+i, anchor n+i the reverse. Only two numbers per row are stored between forward and backward — the
+log-sum-exp over the anchor's negatives and 1 − p_pos — so memory is O(N·d) and the similarity matrix is recomputed
+tile by tile. Loss and gradient are formed as softplus / sigmoid of lse_neg − s_pos, which stay exact where the
+positive dominates (p_pos → 1), instead of differences of nearly equal numbers.
+
+Backward is two kernels rather than one with atomics: ``_bwd_rows_kernel`` owns a block of anchors and sums
+(P − Y)·cols over all columns, ``_bwd_cols_kernel`` owns a block of columns and sums (P − Y)ᵀ·rows over all anchors.
+Each output tile is written by one program, so the gradient is deterministic and free of atomic contention on the
+(2N, d) column gradient, for the price of recomputing the logits once more (5 tile GEMMs in all instead of 4).
+
+Run without a GPU by setting ``TRITON_INTERPRET=1`` before this module is imported (the ``@triton.jit``
+decorators read it at definition time).
+"""
+import os
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+# Widest embedding the kernels take: a block of anchors and its fp32 gradient accumulator keep the whole row in
+# registers (BLOCK_D = next power of two ≥ d). SimCLR projection heads are 128 wide.
+MAX_D = 256
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+
+
+def _cpu_bench(kernel_call, quantiles):
+    """Autotuning timer for the interpreter, which has no device events: one timed run, every quantile the same."""
+    start = time.perf_counter()
+    kernel_call()
+    ms = (time.perf_counter() - start) * 1e3
+    return [ms for _ in quantiles]
+
+
+def _configs(block_pairs):
+    if _INTERPRET:
+        # The interpreter runs programs one after another: small tiles, and two configs so autotuning is exercised.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}), triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn in block_pairs for w in (4, 8) for s in (2, 3)]
+
+
+# Anchor-major kernels (forward, row gradient) want tall anchor blocks; at small M (few anchors per GPU) the smaller
+# BLOCK_M keeps more programs in flight than there are SMs.
+_ROW_CONFIGS = _configs([(128, 64), (64, 64), (64, 128), (32, 64)])
+_COL_CONFIGS = _configs([(64, 128), (64, 64), (128, 64), (32, 128)])
+_BENCH = _cpu_bench if _INTERPRET else None
+
+
+@triton.jit
+def _anchor_columns(offs_m, HALF, ROW_OFFSET, N_GLOBAL):
+    """Own and positive column of each anchor in ``offs_m`` (layout in the module docstring)."""
+    is_b = offs_m >= HALF
+    sample = ROW_OFFSET + tl.where(is_b, offs_m - HALF, offs_m)
+    own = tl.where(is_b, N_GLOBAL + sample, sample)
+    pos = tl.where(is_b, sample, N_GLOBAL + sample)
+    return own, pos
+
+
+@triton.autotune(configs=_ROW_CONFIGS, key=["M", "K", "D"], do_bench=_BENCH)
+@triton.jit
+def _fwd_kernel(
+    R,  # (M, D) normalized anchors of this rank
+    C,  # (K, D) normalized columns of the whole batch: every first view, then every second view
+    LOSS,  # (M,) fp32 out: lse_i − s_i,pos(i) = softplus(lse_neg_i − s_i,pos(i)), natural log
+    LSE,  # (M,) fp32 out: log-sum-exp of anchor i's base-2 logits over its negatives only, base 2
+    W,  # (M,) fp32 out: 1 − p_pos = sigmoid(lse_neg − s_pos), the weight of the negatives in the backward
+    stride_r,  # elements between rows of R
+    stride_c,  # elements between rows of C
+    M,  # anchors on this rank, 2n
+    K,  # columns, 2N
+    D,  # embedding width
+    HALF,  # n: anchors per view on this rank
+    ROW_OFFSET,  # global index of this rank's first sample
+    N_GLOBAL,  # N: samples in the whole batch
+    qk_scale,  # log2(e)/τ: logits are kept in base 2 so the exponentials are exp2
+    BLOCK_M: tl.constexpr,  # anchors per program
+    BLOCK_N: tl.constexpr,  # columns per tile of the inner loop
+    BLOCK_D: tl.constexpr,  # next power of two ≥ D
+    UPCAST: tl.constexpr,  # dot in fp32: the interpreter's native bf16 dot is wrong
+    DOT_PRECISION: tl.constexpr,  # "tf32x3" for fp32 inputs (near-fp32 accuracy on tensor cores); ignored otherwise
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < M
+    d_ok = offs_d < D
+    # int64 row offsets: 2N·stride passes 2^31 at a few million embeddings of width 256.
+    r = tl.load(R + offs_m.to(tl.int64)[:, None] * stride_r + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        r = r.to(tl.float32)
+    own, pos = _anchor_columns(offs_m, HALF, ROW_OFFSET, N_GLOBAL)
+    # -inf is a safe start: the first tile (≥ 16 columns, K ≥ 4; K = 2 has no negatives and never gets here) always
+    # holds a column that is neither the anchor's own nor its positive.
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    s_pos = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, K, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        c = tl.load(C + offs_n.to(tl.int64)[:, None] * stride_c + offs_d[None, :],
+                    mask=(offs_n < K)[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            c = c.to(tl.float32)
+        s = tl.dot(r, tl.trans(c), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        s_pos += tl.sum(tl.where(offs_n[None, :] == pos[:, None], s, 0.0), axis=1)
+        # The running log-sum-exp is over the negatives only (own and positive masked): the loss and gradient are
+        # then formed from softplus/sigmoid of lse_neg − s_pos, exact where the positive dominates.
+        s = tl.where((offs_n[None, :] == own[:, None]) | (offs_n[None, :] == pos[:, None]) | (offs_n[None, :] >= K),
+                     float("-inf"), s)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    lse2 = m_i + tl.log2(l_i)
+    margin = (lse2 - s_pos) * 0.6931471805599453  # natural log: lse_neg − s_pos
+    # Kept in base 2 for the backward, which then recomputes exactly the exponent the forward summed.
+    tl.store(LSE + offs_m, lse2, mask=row_ok)
+    tl.store(W + offs_m, 1.0 / (1.0 + tl.exp(-margin)), mask=row_ok)
+    tl.store(LOSS + offs_m, tl.maximum(margin, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(margin))), mask=row_ok)
+
+
+@triton.autotune(configs=_ROW_CONFIGS, key=["M", "K", "D"], do_bench=_BENCH)
+@triton.jit
+def _bwd_rows_kernel(
+    R,  # (M, D) normalized anchors
+    C,  # (K, D) normalized columns
+    LSE,  # (M,) fp32 base-2 log-sum-exp over the negatives, from the forward
+    W,  # (M,) fp32 1 − p_pos from the forward
+    DR,  # (M, D) fp32 out: Σ_j (P − Y)_ij · C_j, unscaled (the host applies grad/(M·τ))
+    stride_r,  # elements between rows of R
+    stride_c,  # elements between rows of C
+    stride_dr,  # elements between rows of DR
+    M,  # anchors, 2n
+    K,  # columns, 2N
+    D,  # embedding width
+    HALF,  # n
+    ROW_OFFSET,  # global index of this rank's first sample
+    N_GLOBAL,  # N
+    qk_scale,  # log2(e)/τ
+    BLOCK_M: tl.constexpr,  # anchors per program
+    BLOCK_N: tl.constexpr,  # columns per tile
+    BLOCK_D: tl.constexpr,  # next power of two ≥ D
+    UPCAST: tl.constexpr,  # dot in fp32 (interpreter)
+    DOT_PRECISION: tl.constexpr,  # fp32 dot precision
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < M
+    d_ok = offs_d < D
+    r = tl.load(R + offs_m.to(tl.int64)[:, None] * stride_r + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        r = r.to(tl.float32)
+    own, pos = _anchor_columns(offs_m, HALF, ROW_OFFSET, N_GLOBAL)
+    lse2 = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
+    w = tl.load(W + offs_m, mask=row_ok, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, K, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        c = tl.load(C + offs_n.to(tl.int64)[:, None] * stride_c + offs_d[None, :],
+                    mask=(offs_n < K)[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            c = c.to(tl.float32)
+        s = tl.dot(r, tl.trans(c), input_precision=DOT_PRECISION) * qk_scale
+        # P − Y: a negative's p_j = (1 − p_pos)·softmax over the negatives; the positive's p_pos − 1 = −(1 − p_pos).
+        g = w[:, None] * tl.exp2(s - lse2[:, None])
+        g = tl.where(offs_n[None, :] == pos[:, None], -w[:, None], g)
+        g = tl.where((offs_n[None, :] == own[:, None]) | (offs_n[None, :] >= K), 0.0, g)
+        # g in the operands' dtype: bf16 tensor cores for bf16 inputs, as flash attention does with P.
+        acc += tl.dot(g.to(c.dtype), c, input_precision=DOT_PRECISION)
+    tl.store(DR + offs_m.to(tl.int64)[:, None] * stride_dr + offs_d[None, :], acc,
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.autotune(configs=_COL_CONFIGS, key=["M", "K", "D"], do_bench=_BENCH)
+@triton.jit
+def _bwd_cols_kernel(
+    R,  # (M, D) normalized anchors
+    C,  # (K, D) normalized columns
+    LSE,  # (M,) fp32 base-2 log-sum-exp over the negatives, from the forward
+    W,  # (M,) fp32 1 − p_pos from the forward
+    DC,  # (K, D) fp32 out: Σ_i (P − Y)_ij · R_i, unscaled
+    stride_r,  # elements between rows of R
+    stride_c,  # elements between rows of C
+    stride_dc,  # elements between rows of DC
+    M,  # anchors, 2n
+    K,  # columns, 2N
+    D,  # embedding width
+    HALF,  # n
+    ROW_OFFSET,  # global index of this rank's first sample
+    N_GLOBAL,  # N
+    qk_scale,  # log2(e)/τ
+    BLOCK_M: tl.constexpr,  # anchors per tile of the inner loop
+    BLOCK_N: tl.constexpr,  # columns per program
+    BLOCK_D: tl.constexpr,  # next power of two ≥ D
+    UPCAST: tl.constexpr,  # dot in fp32 (interpreter)
+    DOT_PRECISION: tl.constexpr,  # fp32 dot precision
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < K
+    d_ok = offs_d < D
+    c = tl.load(C + offs_n.to(tl.int64)[:, None] * stride_c + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        c = c.to(tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, M, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < M
+        r = tl.load(R + offs_m.to(tl.int64)[:, None] * stride_r + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            r = r.to(tl.float32)
+        own, pos = _anchor_columns(offs_m, HALF, ROW_OFFSET, N_GLOBAL)
+        lse2 = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
+        w = tl.load(W + offs_m, mask=row_ok, other=0.0)
+        s_t = tl.dot(c, tl.trans(r), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M) = Sᵀ tile
+        g_t = w[None, :] * tl.exp2(s_t - lse2[None, :])
+        g_t = tl.where(offs_n[:, None] == pos[None, :], -w[None, :], g_t)
+        # Padding anchors must contribute nothing: their "positive" index could name a real column.
+        g_t = tl.where((offs_n[:, None] == own[None, :]) | (~row_ok[None, :]), 0.0, g_t)
+        acc += tl.dot(g_t.to(r.dtype), r, input_precision=DOT_PRECISION)
+    tl.store(DC + offs_n.to(tl.int64)[:, None] * stride_dc + offs_d[None, :], acc,
+             mask=col_ok[:, None] & d_ok[None, :])
+
+
+def _check(rows: torch.Tensor, cols: torch.Tensor, row_offset: int, n_global: int) -> None:
+    if rows.dim() != 2 or cols.dim() != 2 or rows.shape[1] != cols.shape[1]:
+        raise ValueError(f"rows (M, d) and cols (2N, d) must be 2-D with equal d, got {tuple(rows.shape)} "
+                         f"and {tuple(cols.shape)}")
+    if rows.dtype != cols.dtype or rows.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"rows and cols must share one of fp32/bf16/fp16, got {rows.dtype} and {cols.dtype}")
+    if rows.device != cols.device:
+        raise ValueError(f"rows and cols must be on one device, got {rows.device} and {cols.device}")
+    if not (rows.is_cuda or _INTERPRET):
+        raise ValueError(f"the NT-Xent kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import), "
+                         f"got {rows.device}")
+    if rows.shape[1] > MAX_D:
+        raise ValueError(f"embedding width d must be ≤ {MAX_D}, got {rows.shape[1]}")
+    if rows.shape[0] == 0 or rows.shape[0] % 2 or cols.shape[0] != 2 * n_global:
+        raise ValueError(f"rows must hold 2n ≥ 2 anchors and cols 2·n_global={2 * n_global} columns, got "
+                         f"{rows.shape[0]} and {cols.shape[0]}")
+    if not 0 <= row_offset <= n_global - rows.shape[0] // 2:
+        raise ValueError(f"row_offset {row_offset} puts {rows.shape[0] // 2} samples outside the {n_global} global ones")
+
+
+def _launch_args(rows, cols, row_offset, n_global, temperature):
+    """Arguments shared by the three kernels after the pointers and strides."""
+    m, d = rows.shape
+    return dict(M=m, K=cols.shape[0], D=d, HALF=m // 2, ROW_OFFSET=row_offset, N_GLOBAL=n_global,
+                qk_scale=_LOG2E / temperature, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                UPCAST=_INTERPRET, DOT_PRECISION="tf32x3" if rows.dtype == torch.float32 else "tf32")
+
+
+def ntxent_forward(rows, cols, row_offset, n_global, temperature):
+    """Per-anchor (loss, base-2 lse over the negatives, 1 − p_pos), each (M,) fp32, of normalized ``rows`` against
+    ``cols`` (contiguous rows)."""
+    m = rows.shape[0]
+    loss, lse, w = (torch.empty(m, device=rows.device, dtype=torch.float32) for _ in range(3))
+    args = _launch_args(rows, cols, row_offset, n_global, temperature)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+    _fwd_kernel[grid](rows, cols, loss, lse, w, rows.stride(0), cols.stride(0), **args)
+    return loss, lse, w
+
+
+def ntxent_backward(rows, cols, lse, w, row_offset, n_global, temperature):
+    """Unscaled (Σ_j (P−Y)_ij C_j, Σ_i (P−Y)_ij R_i), fp32, shapes of ``rows`` and ``cols``."""
+    m, k = rows.shape[0], cols.shape[0]
+    d_rows = torch.empty(rows.shape, device=rows.device, dtype=torch.float32)
+    d_cols = torch.empty(cols.shape, device=cols.device, dtype=torch.float32)
+    args = _launch_args(rows, cols, row_offset, n_global, temperature)
+    _bwd_rows_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
+        rows, cols, lse, w, d_rows, rows.stride(0), cols.stride(0), d_rows.stride(0), **args)
+    _bwd_cols_kernel[lambda meta: (triton.cdiv(k, meta["BLOCK_N"]),)](
+        rows, cols, lse, w, d_cols, rows.stride(0), cols.stride(0), d_cols.stride(0), **args)
+    return d_rows, d_cols
+
+
+class NTXentFunction(torch.autograd.Function):
+    """Mean NT-Xent over the anchors ``rows`` against ``cols``; fp32 scalar, gradients in the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, rows, cols, row_offset, n_global, temperature):
+        _check(rows, cols, row_offset, n_global)
+        rows, cols = rows.contiguous(), cols.contiguous()
+        ctx.args = (row_offset, n_global, temperature)
+        if cols.shape[0] == 2:  # one sample: no negatives, the loss is 0 by definition (and so is its gradient)
+            ctx.save_for_backward(rows, cols)
+            return rows.new_zeros((), dtype=torch.float32)
+        loss, lse, w = ntxent_forward(rows, cols, row_offset, n_global, temperature)
+        ctx.save_for_backward(rows, cols, lse, w)
+        return loss.mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if len(ctx.saved_tensors) == 2:
+            rows, cols = ctx.saved_tensors
+            return torch.zeros_like(rows), torch.zeros_like(cols), None, None, None
+        rows, cols, lse, w = ctx.saved_tensors
+        row_offset, n_global, temperature = ctx.args
+        d_rows, d_cols = ntxent_backward(rows, cols, lse, w, row_offset, n_global, temperature)
+        # ∂L/∂S = (P − Y)/M and S = rows·colsᵀ/τ; scaling here keeps the grad a device tensor (no host sync).
+        scale = grad_loss / (rows.shape[0] * temperature)
+        return (d_rows.mul_(scale).to(rows.dtype), d_cols.mul_(scale).to(cols.dtype), None, None, None)
+
+
+ntxent = NTXentFunction.apply
