@@ -40,5 +40,4 @@ setup(
         "test": ["pytest>=7.4"],
         "bench": ["kornia>=0.7"],  # only the data benchmark's Kornia baseline
     },
-    entry_points={"console_scripts": ["fastclr=fastclr.cli:main"]},
 )

@@ -7,6 +7,7 @@ ignores them, evaluation needs them. Sources only list and read; ordering, shard
 """
 from __future__ import annotations
 
+import abc
 import glob
 import os
 import tarfile
@@ -25,7 +26,7 @@ DIGITS_SPLIT_SEED = 0
 """The digits train/test split is fixed (not cfg.seed): evaluation numbers stay comparable across runs."""
 
 
-class Source:
+class Source(abc.ABC):
     """A fixed list of samples. ``read(indices)`` returns one batch in the order given."""
 
     encoded: bool
@@ -40,8 +41,9 @@ class Source:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @abc.abstractmethod
     def read(self, indices: np.ndarray):
-        raise NotImplementedError
+        """The samples at ``indices``, as a list of numpy arrays (encoded bytes or HWC pixels)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {len(self)} samples)"
