@@ -115,3 +115,27 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     want = _params(whole.model)
     for k, v in _params(second.model).items():
         assert torch.equal(v, want[k]), k
+
+
+def test_bf16_autocast_keeps_bn_and_lars_state_fp32_and_channels_last(tmp_path):
+    """DeepSpeed's torch_autocast: convs run in bf16, but no parameter, BN statistic or LARS buffer leaves fp32, and
+    the 4-d weights and the step's activations stay channels_last (no hidden layout conversion)."""
+    trainer = _trainer(_cfg(tmp_path, "train.epochs=1", "train.stop_at_step=2", "precision.dtype=bf16"))
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((type(mod).__name__, inp[0], out)))
+             for m in trainer.model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]
+    trainer.train()
+    for h in hooks:
+        h.remove()
+    assert any(name == "Conv2d" and out.dtype == torch.bfloat16 for name, _, out in seen)  # autocast is on
+    for name, x, out in seen:
+        if x.dim() == 4:
+            assert x.is_contiguous(memory_format=torch.channels_last), name
+            assert out.is_contiguous(memory_format=torch.channels_last), name
+    for k, v in trainer.model.state_dict().items():
+        if v.is_floating_point():
+            assert v.dtype == torch.float32, k
+    for p, state in trainer.optimizer.state.items():
+        assert p.dtype == torch.float32 and state["momentum_buffer"].dtype == torch.float32
+        if p.dim() == 4:
+            assert p.is_contiguous(memory_format=torch.channels_last)
