@@ -190,6 +190,9 @@ class TrainConfig:
     """Images per rank per forward pass (0: global_batch_size / world size, no accumulation)."""
     log_every: int = 10
     """Steps between metric lines (each one is a host sync)."""
+    max_nonfinite_steps: int = 20
+    """A step whose gradients hold inf/NaN is skipped (parameters and LARS state untouched) and counted; this many in
+    a row stop the run with an error, leaving the last complete checkpoint as it was."""
 
     def __post_init__(self):
         _check(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
@@ -198,6 +201,8 @@ class TrainConfig:
         _check(self.global_batch_size >= 2, "train.global_batch_size", f"must be >= 2, got {self.global_batch_size}")
         _check(self.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0, got {self.micro_batch_size}")
         _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        _check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",
+               f"must be >= 1, got {self.max_nonfinite_steps}")
 
 
 @dataclass

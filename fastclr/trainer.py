@@ -142,6 +142,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.nonfinite_steps = 0
+        self._nonfinite_in_row = 0
         self.signals = StopSignals()
         # Control flags (stop requests) go over gloo even when the data path is NCCL: no GPU sync per step.
         self._control_group = (torch.distributed.new_group(backend="gloo") if rt.world_size > 1 and rt.cuda
@@ -181,9 +182,40 @@ class Trainer:
         if self.engine.is_gradient_accumulation_boundary():
             with timer.phase("comm"):
                 self.engine.allreduce_gradients()
-        with timer.phase("optimizer"):
-            self.engine.step()
+            with timer.phase("optimizer"):
+                scaler = self.engine.torch_autocast_z0_gradscaler
+                if scaler is None:
+                    self._skip_if_nonfinite()
+                    self.engine.step()
+                else:  # fp16: the scaler skips overflowing steps and halves its scale; count them from the scale
+                    scale = scaler.get_scale()
+                    self.engine.step()
+                    self.nonfinite_steps += int(scaler.get_scale() < scale)
+        else:
+            self.engine.step()  # DeepSpeed counts micro-steps here; the optimizer runs only at boundaries
         return loss.detach()
+
+    def _skip_if_nonfinite(self) -> None:
+        """inf/NaN gradients: drop them, so that LARS (which skips parameters without a gradient) leaves parameters
+        and momentum as they were, and count the step. After the all-reduce every rank holds the same gradients, so
+        every rank decides the same. One host sync per step, as a loss scaler has (fp16 is left to DeepSpeed's
+        GradScaler, which skips overflowing steps itself)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+            self._nonfinite_in_row = 0
+            return
+        for p in self.model.parameters():
+            p.grad = None
+        self.nonfinite_steps += 1
+        self._nonfinite_in_row += 1
+        if self.rt.is_main:
+            print(f"fastclr: step {self.step + 1}: non-finite gradients, step skipped "
+                  f"({self._nonfinite_in_row} in a row, {self.nonfinite_steps} in all)", flush=True)
+        if self._nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self._nonfinite_in_row} steps in a row had non-finite gradients (train.max_nonfinite_steps="
+                f"{self.cfg.train.max_nonfinite_steps}); stopping without saving. The last complete checkpoint in "
+                f"{self.cfg.checkpoint.dir} is intact: lower optim.base_lr or check the data, then resume.")
 
     def _batches(self):
         """The loader's batches, with the time spent waiting for each billed to the 'data' phase."""
@@ -272,7 +304,9 @@ class Trainer:
         if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
             postfix = self.log_train()
         self.progress.update(1, postfix)
-        if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+        # No periodic checkpoint in the middle of a non-finite streak: the batch that overflowed also went through
+        # BN's running statistics; the previous checkpoint stays the newest until a good step follows.
+        if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and not self._nonfinite_in_row:
             self.save()
 
     def log_train(self) -> str:
@@ -280,7 +314,10 @@ class Trainer:
         now = time.monotonic()
         ips = (self.step - self._step_log) * self.plan.global_batch / max(now - self._t_log, 1e-9)
         lr = self.lr_at(self.step - 1)
-        self.metrics.log("train", self.step, {"loss": mean_loss, "lr": lr, "images_per_s": ips,
+        scaler = self.engine.torch_autocast_z0_gradscaler
+        extra = {"loss_scale": scaler.get_scale()} if scaler is not None else {}
+        self.metrics.log("train", self.step, {"loss": mean_loss, "lr": lr, "images_per_s": ips, **extra,
+                                              "nonfinite_steps": self.nonfinite_steps,
                                               "images_per_s_per_device": ips / self.rt.world_size,
                                               "epoch": self.step / self.steps_per_epoch,
                                               **self.timer.pop_ms_per_step(self.step - self._step_log)})
@@ -292,7 +329,7 @@ class Trainer:
         cfg = self.cfg
         if self.step >= self.total_steps:
             return
-        if cfg.checkpoint.every_epochs and self.epoch % cfg.checkpoint.every_epochs == 0:
+        if cfg.checkpoint.every_epochs and self.epoch % cfg.checkpoint.every_epochs == 0 and not self._nonfinite_in_row:
             self.save()
         if cfg.eval.every_epochs and self.epoch % cfg.eval.every_epochs == 0:
             self.evaluate(with_baseline=False, probe=False)

@@ -139,3 +139,41 @@ def test_bf16_autocast_keeps_bn_and_lars_state_fp32_and_channels_last(tmp_path):
         assert p.dtype == torch.float32 and state["momentum_buffer"].dtype == torch.float32
         if p.dim() == 4:
             assert p.is_contiguous(memory_format=torch.channels_last)
+
+
+def _poison_steps(monkeypatch, trainer, bad_steps):
+    """Make the loss NaN at the given optimizer steps (0-based), as an overflowing or corrupt batch would."""
+    import fastclr.losses
+
+    real = fastclr.losses.nt_xent
+
+    def poisoned(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if trainer.step in bad_steps else loss
+
+    monkeypatch.setattr(fastclr.losses, "nt_xent", poisoned)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    trainer = _trainer(_cfg(tmp_path, "train.epochs=1", "train.stop_at_step=6", "precision.dtype=fp32"))
+    _poison_steps(monkeypatch, trainer, {3, 4})
+    before = {}
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, a, k: before.__setitem__(trainer.step, _params(trainer.model)))
+    trainer.train()
+    assert trainer.nonfinite_steps == 2 and trainer.step == 6
+    # A skipped step leaves every parameter as it was (BN running statistics aside: the forward ran).
+    for k, v in before[4].items():
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(v, before[3][k]), k
+    for k, v in _params(trainer.model).items():
+        assert torch.isfinite(v).all(), k
+
+
+def test_too_many_nonfinite_steps_stop_with_the_checkpoint_intact(tmp_path, monkeypatch):
+    trainer = _trainer(_cfg(tmp_path, "train.epochs=1", "checkpoint.every_steps=2", "train.max_nonfinite_steps=3",
+                            "precision.dtype=fp32"))
+    _poison_steps(monkeypatch, trainer, set(range(3, 100)))
+    with pytest.raises(FloatingPointError, match="3 steps in a row.*max_nonfinite_steps"):
+        trainer.train()
+    assert checkpoint.complete_tags(str(tmp_path / "ckpt"))[-1][0] == 2  # the last good one, untouched
