@@ -13,7 +13,7 @@ import fastclr.losses.ntxent as ntxent_module
 import fastclr.losses.tiled as tiled
 from fastclr.losses import anchor_columns, nt_xent, ntxent_naive, ntxent_tiled
 from tests.conftest import ROOT
-from tests.ntxent_reference import halves_loss, loop_anchor_losses, loop_loss, reference, scaled_error
+from tests.ntxent_reference import loop_anchor_losses, loop_loss, reference, scaled_error
 
 # fp32 arithmetic against fp64 references: logits carry ~1 ulp of 1/τ each, sums over 2N terms add a few more;
 # 1e-5 relative leaves an order of magnitude over what was observed (≤ 1e-6) at every shape below.
