@@ -18,19 +18,20 @@ def _extract(tar_path: str, dest: str, per_class: int) -> str:
     return os.path.join(dest, split)
 
 
+def _shared_tar(name: str) -> str:
+    tar = os.path.join(SHARED_DATA, name)
+    if not os.path.isfile(tar):
+        pytest.skip(f"real test data not found at {tar} (it lies beside the project on CI, not in a clone)")
+    return tar
+
+
 @pytest.fixture(scope="session")
 def cifar_train_dir(tmp_path_factory):
     """30 real CIFAR-10 training JPEGs per class in an image-folder layout (300 files, a temporary copy)."""
-    tar = os.path.join(SHARED_DATA, "cifar10-train-10k.tar")
-    if not os.path.isfile(tar):
-        pytest.skip(f"real test data not found at {SHARED_DATA} (it lies beside the project on CI, not in a clone)")
-    return _extract(tar, str(tmp_path_factory.mktemp("cifar")), per_class=30)
+    return _extract(_shared_tar("cifar10-train-10k.tar"), str(tmp_path_factory.mktemp("cifar")), per_class=30)
 
 
 @pytest.fixture(scope="session")
 def cifar_test_dir(tmp_path_factory):
     """10 real CIFAR-10 test JPEGs per class (100 files)."""
-    tar = os.path.join(SHARED_DATA, "cifar10-test-2k.tar")
-    if not os.path.isfile(tar):
-        pytest.skip(f"real test data not found at {SHARED_DATA} (it lies beside the project on CI, not in a clone)")
-    return _extract(tar, str(tmp_path_factory.mktemp("cifar_test")), per_class=10)
+    return _extract(_shared_tar("cifar10-test-2k.tar"), str(tmp_path_factory.mktemp("cifar_test")), per_class=10)
