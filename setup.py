@@ -33,6 +33,7 @@ setup(
         "matplotlib>=3.7",
         "pillow>=10.0",
     ],
+    entry_points={"console_scripts": ["fastclr = fastclr.cli:main"]},
     extras_require={
         "cpu": [DALI_CUDA13],
         "cuda12": [DALI_CUDA12],

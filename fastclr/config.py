@@ -81,6 +81,10 @@ class DataConfig:
     """Training data: folder, file list or tar glob. Unused for 'digits'."""
     eval_path: str = ""
     """Held-out labelled data for kNN / linear probe (same kind as ``path``). Unused for 'digits'."""
+    exclude: str = ""
+    """A file naming samples to leave out, one per line in the first tab-separated column: a path, or
+    ``shard.tar:member`` for tar shards (the ``*.bad.tsv`` list ``fastclr data check`` writes). Applies to both
+    splits. Bad images not listed are still found and skipped while training; listing them saves the screening."""
     image_size: int = 32
     """Side of the square crops fed to the network: 32 for CIFAR-like data, 224 for ImageNet."""
     eval_resize: int = 0
@@ -97,6 +101,8 @@ class DataConfig:
         _check(self.dataset in DATASETS, "data.dataset", f"unknown dataset '{self.dataset}'; choose one of {DATASETS}")
         if self.dataset != "digits":
             _check(bool(self.path), "data.path", f"dataset '{self.dataset}' needs a path")
+        _check(not (self.exclude and self.dataset == "digits"), "data.exclude",
+               "the embedded digits have no files to exclude")
         _check(self.image_size >= 8, "data.image_size", f"must be >= 8, got {self.image_size}")
         _check(self.eval_resize >= 0, "data.eval_resize", f"must be >= 0, got {self.eval_resize}")
         _check(self.num_threads >= 1, "data.num_threads", f"must be >= 1, got {self.num_threads}")

@@ -87,11 +87,17 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs: int = 100, lr: float 
     return ProbeResult(train_top1=tr, test_top1=te)
 
 
+def _labelled(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with a label: the loaders mark bad images (replaced by a placeholder) with label -1."""
+    keep = y >= 0
+    return (x, y) if bool(keep.all()) else (x[keep], y[keep])
+
+
 def evaluate_encoder(model, train_loader, test_loader, device, *, knn_k: int, knn_temperature: float,
                      probe_epochs: int, probe_lr: float, autocast_dtype=None, seed: int = 0) -> dict:
     """kNN and linear-probe top-1 (%) of ``model.features`` on a held-out split."""
-    xtr, ytr = extract_features(model, train_loader, device, autocast_dtype)
-    xte, yte = extract_features(model, test_loader, device, autocast_dtype)
+    xtr, ytr = _labelled(*extract_features(model, train_loader, device, autocast_dtype))
+    xte, yte = _labelled(*extract_features(model, test_loader, device, autocast_dtype))
     out = {"knn_top1": knn_accuracy(xtr, ytr, xte, yte, k=knn_k, temperature=knn_temperature)}
     if probe_epochs > 0:
         out["probe_top1"] = linear_probe(xtr, ytr, xte, yte, epochs=probe_epochs, lr=probe_lr, seed=seed).test_top1

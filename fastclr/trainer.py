@@ -247,6 +247,7 @@ class Trainer:
             while self.step < self.total_steps and stop is None:
                 stop = self.train_epoch()
         self.progress.close()
+        self.report_bad_samples()
         self.save()
         elapsed = time.monotonic() - t_start
         if stop == "signal":
@@ -257,7 +258,7 @@ class Trainer:
         results = self.final_evaluation()
         if rt.is_main:
             self.finish(results, elapsed, start_step, stop)
-        return {"stop_reason": stop, **results}
+        return {"stop_reason": stop, "bad_samples": len(self.loader.bad.bad), **results}
 
     def train_epoch(self) -> str | None:
         """Train to the end of the current epoch (or of the run); the stop reason if asked to stop early."""
@@ -303,6 +304,7 @@ class Trainer:
         postfix = None
         if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
             postfix = self.log_train()
+            self.report_bad_samples()
         self.progress.update(1, postfix)
         # No periodic checkpoint in the middle of a non-finite streak: the batch that overflowed also went through
         # BN's running statistics; the previous checkpoint stays the newest until a good step follows.
@@ -318,12 +320,31 @@ class Trainer:
         extra = {"loss_scale": scaler.get_scale()} if scaler is not None else {}
         self.metrics.log("train", self.step, {"loss": mean_loss, "lr": lr, "images_per_s": ips, **extra,
                                               "nonfinite_steps": self.nonfinite_steps,
+                                              "bad_samples": len(self.loader.bad.bad),
                                               "images_per_s_per_device": ips / self.rt.world_size,
                                               "epoch": self.step / self.steps_per_epoch,
                                               **self.timer.pop_ms_per_step(self.step - self._step_log)})
         self._loss_sum.zero_()
         self._n_loss, self._t_log, self._step_log = 0, now, self.step
         return f"loss {mean_loss:.4f} lr {lr:.3g} {ips:.0f} img/s"
+
+    def report_bad_samples(self) -> None:
+        """Name the bad images this rank met since the last report, and rewrite its list of all of them."""
+        fresh = self.loader.bad.new_since_last_call()
+        if not fresh:
+            return
+        everything = self.loader.bad.names()
+        path = os.path.join(self.cfg.logging.dir, f"bad_samples.rank{self.rt.rank}.tsv")
+        os.makedirs(self.cfg.logging.dir, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(f"{name}\t{reason}\n" for name, reason in everything)
+        os.replace(tmp, path)
+        for name, reason in fresh[:5]:
+            print(f"fastclr: rank {self.rt.rank}: skipped bad image {name}: {reason}", flush=True)
+        more = f" ({len(fresh) - 5} more)" if len(fresh) > 5 else ""
+        print(f"fastclr: rank {self.rt.rank}: {len(everything)} bad image(s) skipped so far{more}, listed in {path}",
+              flush=True)
 
     def _end_of_epoch(self) -> None:
         cfg = self.cfg

@@ -15,6 +15,13 @@ Resume granularity: one batch, exactly. ``state_dict`` records (epoch, position)
 pixels* as the uninterrupted one. Without a usable pipeline checkpoint (another DALI version, changed augmentation
 settings) the order is still exact and the augmentation stream restarts from a seed derived from
 (seed, shard, epoch, position).
+
+Bad samples. Every encoded sample passes :func:`fastclr.data.screen.screen` on the read thread before DALI sees it.
+A bad one (undecodable, empty, not an image) is recorded in ``loader.bad`` (index → reason, its name in
+``bad_files()``) and its slot is filled by a replacement drawn from (seed, shard, batch, slot): the batch keeps its
+size, the run goes on, and the substitution is as deterministic as the order, so resume stays exact. A batch that
+still makes the pipeline fail (a file that fools the screen) is decoded sample by sample, the culprits are marked and
+the pipeline is rebuilt at the same batch (its augmentation stream then restarts from a derived seed).
 """
 from __future__ import annotations
 
@@ -29,12 +36,61 @@ import nvidia.dali as dali
 from nvidia.dali import types
 
 from .augment import default_eval_resize, eval_graph, two_view_graph
+from .screen import OK, decodes, quick_check, screen
 from .sources import Source, build_source
 
 ORDER_STREAM = 0x5D1C
 """Mixed into the shuffle seed so the sample order is not correlated with other streams drawn from the same seed."""
 EVAL_SUBSET_SEED = 1234
 """Fixed seed of the evaluation subset when ``max_images`` caps a split (independent of the run's seed)."""
+REPLACE_STREAM = 0xBAD
+"""Mixed into the seed of the replacements drawn for bad samples."""
+MAX_REPLACEMENT_TRIES = 64
+PLACEHOLDER = np.frombuffer(b"P6\n1 1\n255\n\x00\x00\x00", np.uint8)
+"""A valid 1×1 black image (binary PPM) standing in for a bad sample where no replacement may be drawn (evaluation:
+the slot's label becomes -1 and the sample is left out of the metrics)."""
+
+
+class BadSamples:
+    """The bad samples a loader has met: ``screen`` each encoded sample once, remember the verdicts that failed.
+
+    ``check`` is called from the read-ahead thread and the main thread; plain dict updates keep that safe. Good
+    verdicts are not stored: the cheap check repeats in microseconds, and files that needed a decode to vouch for
+    them are remembered in ``verified`` so they are decoded once per process, not once per epoch."""
+
+    def __init__(self, source: Source, screen_fn=screen):
+        self.source, self.screen_fn = source, screen_fn
+        self.bad: dict[int, str] = {}
+        self.verified: set[int] = set()
+        self._reported = 0
+
+    def check(self, index: int, buf) -> bool:
+        """True if the sample is good."""
+        if index in self.bad:
+            return False
+        if self.screen_fn is screen and quick_check(buf)[0] == OK:
+            return True
+        if index in self.verified:
+            return True
+        reason = self.screen_fn(buf)
+        if reason is None:
+            self.verified.add(index)
+            return True
+        self.bad[index] = reason
+        return False
+
+    def mark(self, index: int, reason: str) -> None:
+        self.bad.setdefault(index, reason)
+
+    def names(self) -> list[tuple[str, str]]:
+        """(name, reason) of every bad sample met so far, in source order."""
+        return [(self.source.sample_name(i), self.bad[i]) for i in sorted(self.bad)]
+
+    def new_since_last_call(self) -> list[tuple[str, str]]:
+        """(name, reason) of the bad samples met since the previous call (in the order found)."""
+        items = list(self.bad.items())
+        fresh, self._reported = items[self._reported:], len(items)
+        return [(self.source.sample_name(i), r) for i, r in fresh]
 
 
 def _seed_from(*parts: int) -> int:
@@ -98,6 +154,7 @@ class TrainLoader:
         self._orders: dict[int, np.ndarray] = {}
         self._ahead: dict[int, object] = {}
         self._reader = ThreadPoolExecutor(max_workers=1) if source.encoded else None
+        self.bad = BadSamples(source)
 
     # ---------------------------------------------------------------------------------------------------------- #
     def __len__(self) -> int:
@@ -137,8 +194,46 @@ class TrainLoader:
 
     # ---------------------------------------------------------------------------------------------------------- #
     def _read(self, g: int):
+        return self._resolve(g)[1]
+
+    def _resolve(self, g: int) -> tuple[list[int], list]:
+        """(source index that fills each slot, sample) of global batch ``g``: bad samples replaced."""
         epoch, pos = divmod(g, self._batches)
-        return self.source.read(self.epoch_order(epoch)[pos])
+        indices = [int(i) for i in self.epoch_order(epoch)[pos]]
+        samples = self.source.read(np.asarray(indices))
+        if not self.source.encoded:
+            return indices, samples  # decoded arrays cannot be bad
+        samples = list(samples)
+        for slot, i in enumerate(indices):
+            if not self.bad.check(i, samples[slot]):
+                indices[slot], samples[slot] = self._replacement(g, slot)
+        return indices, samples
+
+    def _replacement(self, g: int, slot: int) -> tuple[int, np.ndarray]:
+        """A good sample for slot ``slot`` of global batch ``g``, a pure function of (seed, shard, g, slot)."""
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+            [self.cfg.seed, self.shard_id, g, slot, REPLACE_STREAM])))
+        for _ in range(MAX_REPLACEMENT_TRIES):
+            j = int(rng.integers(len(self.source)))
+            buf = self.source.read(np.array([j]))[0]
+            if self.bad.check(j, buf):
+                return j, buf
+        raise RuntimeError(f"{self.source.name}: {MAX_REPLACEMENT_TRIES} random samples in a row are bad images "
+                           f"({len(self.bad.bad)} bad found so far, e.g. {self.bad.names()[:3]}); check the dataset "
+                           "with `fastclr data check`")
+
+    def _blame(self, first: int, count: int) -> int:
+        """Decode global batches first .. first+count-1 sample by sample; mark the samples that fail. Returns how
+        many were found."""
+        found = 0
+        for g in range(first, first + count):
+            indices, samples = self._resolve(g)
+            for i, buf in zip(indices, samples):
+                reason = decodes(buf)
+                if reason is not None:
+                    self.bad.mark(i, reason)
+                    found += 1
+        return found
 
     def _read_batch(self, info):
         """DALI's external-source callback: batch of DALI iteration ``info.iteration``."""
@@ -185,7 +280,14 @@ class TrainLoader:
         while self.position < self._batches:
             if self._pipe is None:
                 self._build_pipe()
-            view_a, view_b = self._pipe.run()
+            try:
+                view_a, view_b = self._pipe.run()
+            except RuntimeError:
+                # The batches in flight: this one and those DALI read ahead of it.
+                if not self.source.encoded or not self._blame(self._global(), self.cfg.prefetch + 1):
+                    raise
+                self._drop_pipe()  # rebuilt at the same batch, now without the culprits
+                continue
             self._pipe_runs += 1
             self._pipe_next += 1
             self.position += 1
@@ -247,6 +349,7 @@ class EvalLoader:
             rng = np.random.Generator(np.random.PCG64(EVAL_SUBSET_SEED))
             self.indices = np.sort(rng.choice(len(source), max_images, replace=False))
         self.labels = torch.from_numpy(source.labels[self.indices])
+        self.bad = BadSamples(source)
 
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch_size)
@@ -259,7 +362,11 @@ class EvalLoader:
         start = info.iteration * self.batch_size
         if start >= len(self.indices):
             raise StopIteration  # DALI's end-of-data signal; every batch before it is still delivered
-        return self.source.read(self.indices[start:start + self.batch_size])
+        indices = self.indices[start:start + self.batch_size]
+        samples = self.source.read(indices)
+        if self.source.encoded:
+            samples = [buf if self.bad.check(int(i), buf) else PLACEHOLDER for i, buf in zip(indices, samples)]
+        return samples
 
     def __iter__(self):
         # A fresh pipeline per pass (a few milliseconds): a pass abandoned half-way leaves nothing behind.
@@ -273,6 +380,9 @@ class EvalLoader:
         for b in range(len(self)):
             (images,) = pipe.run()
             labels = self.labels[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.bad.bad:  # the callback of batch b has run: its bad samples are known; -1 leaves them out
+                index = self.indices[b * self.batch_size:(b + 1) * self.batch_size]
+                labels = labels.masked_fill(torch.from_numpy(np.isin(index, list(self.bad.bad))), -1)
             yield (_to_torch(images, self.device, self.dtype, self.channels_last),
                    labels.to(self.device, non_blocking=True))
 

@@ -41,9 +41,21 @@ class Source(abc.ABC):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def sample_name(self, index: int) -> str:
+        """A name that finds sample ``index`` again (a path, a tar member), for reports."""
+        return f"{self.name}[{index}]"
+
+    def sample_key(self, index: int):
+        """``sample_name`` in a form that does not depend on how the path was spelled (for exclusion lists)."""
+        return self.sample_name(index)
+
     @abc.abstractmethod
     def read(self, indices: np.ndarray):
         """The samples at ``indices``, as a list of numpy arrays (encoded bytes or HWC pixels)."""
+
+    @abc.abstractmethod
+    def subset(self, keep: np.ndarray) -> "Source":
+        """A source of the samples at ``keep`` (sorted indices), in that order."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {len(self)} samples)"
@@ -69,6 +81,9 @@ class ArraySource(Source):
     def read(self, indices: np.ndarray) -> np.ndarray:
         return self.images[indices]  # (B, H, W, 3): one dense batch, a single copy into DALI
 
+    def subset(self, keep: np.ndarray) -> "ArraySource":
+        return ArraySource(self.images[keep], self.labels[keep], self.name, self.classes)
+
 
 class FileSource(Source):
     """Image files on disk (folder or file list)."""
@@ -78,8 +93,29 @@ class FileSource(Source):
     def __init__(self, paths: list[str], labels: np.ndarray, name: str, classes: tuple[str, ...] = ()):
         self.paths, self.labels, self.name, self.classes = list(paths), np.asarray(labels, np.int64), name, classes
 
+    def sample_name(self, index: int) -> str:
+        return self.paths[index]
+
+    def sample_key(self, index: int) -> str:
+        return os.path.realpath(self.paths[index])
+
+    def subset(self, keep: np.ndarray) -> "FileSource":
+        return FileSource([self.paths[i] for i in keep], self.labels[keep], self.name, self.classes)
+
     def read(self, indices: np.ndarray) -> list[np.ndarray]:
-        return [np.fromfile(self.paths[i], dtype=np.uint8) for i in indices]
+        return [_read_file(self.paths[i]) for i in indices]
+
+
+EMPTY = np.zeros(0, np.uint8)
+
+
+def _read_file(path: str) -> np.ndarray:
+    """The bytes of ``path``; an unreadable file (vanished, no permission) reads as empty and is screened out as a
+    bad sample instead of stopping the run."""
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        return EMPTY
 
 
 class TarSource(Source):
@@ -88,9 +124,22 @@ class TarSource(Source):
     encoded = True
 
     def __init__(self, tars: list[str], tar_index: np.ndarray, offsets: np.ndarray, sizes: np.ndarray,
-                 labels: np.ndarray, name: str, classes: tuple[str, ...] = ()):
+                 labels: np.ndarray, name: str, classes: tuple[str, ...] = (), members: list[str] | None = None):
         self.tars, self.tar_index, self.offsets, self.sizes = tars, tar_index, offsets, sizes
         self.labels, self.name, self.classes = np.asarray(labels, np.int64), name, classes
+        self.members = members
+
+    def sample_name(self, index: int) -> str:
+        member = self.members[index] if self.members is not None else f"#{index}"
+        return f"{self.tars[int(self.tar_index[index])]}:{member}"
+
+    def sample_key(self, index: int) -> str:
+        return tar_member_key(self.sample_name(index))
+
+    def subset(self, keep: np.ndarray) -> "TarSource":
+        members = [self.members[i] for i in keep] if self.members is not None else None
+        return TarSource(self.tars, self.tar_index[keep], self.offsets[keep], self.sizes[keep], self.labels[keep],
+                         self.name, self.classes, members)
 
     def read(self, indices: np.ndarray) -> list[np.ndarray]:
         out: list = [None] * len(indices)
@@ -105,6 +154,34 @@ class TarSource(Source):
                     out[slot] = np.frombuffer(f.read(self.sizes[i]), dtype=np.uint8)
         return out
 
+
+def tar_member_key(name: str) -> str:
+    """``shard.tar:member`` with the shard's path resolved."""
+    tar, sep, member = name.partition(".tar:")
+    return f"{os.path.realpath(tar + '.tar')}:{member}" if sep else os.path.realpath(name)
+
+
+def read_exclusions(path: str) -> set[str]:
+    """Sample keys named in the first tab-separated column of each line of ``path`` (blank and # lines skipped)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config field 'data.exclude': list '{path}' does not exist")
+    keys = set()
+    with open(path) as f:
+        for line in f:
+            name = line.rstrip("\n").split("\t", 1)[0].strip()
+            if name and not name.startswith("#"):
+                keys.add(tar_member_key(name))
+    return keys
+
+
+def without(source: Source, excluded: set[str]) -> Source:
+    """``source`` less the samples whose key is in ``excluded``."""
+    keep = np.array([i for i in range(len(source)) if source.sample_key(i) not in excluded], np.int64)
+    if len(keep) == len(source):
+        return source
+    if len(keep) == 0:
+        raise ValueError(f"config field 'data.exclude' leaves no sample of {source.name}")
+    return source.subset(keep)
 
 # --------------------------------------------------------------------------------------------------------------- #
 # digits: scikit-learn's bundled 8x8 handwritten digits (Alpaydin & Kaynak 1998), no download
@@ -260,7 +337,7 @@ def tar_source(pattern: str, classes: tuple[str, ...] | None = None) -> TarSourc
     labels = np.array([explicit.get((t, _sample_key(n)), class_index.get(p, -1))
                        for t, n, p in zip(tar_idx, names, parents)], np.int64)
     return TarSource(files, np.array(tar_idx, np.int32), np.array(offsets, np.int64), np.array(sizes, np.int64),
-                     labels, name=pattern, classes=tuple(classes))
+                     labels, name=pattern, classes=tuple(classes), members=names)
 
 
 # --------------------------------------------------------------------------------------------------------------- #
@@ -274,6 +351,12 @@ def _check_split(split: str) -> None:
 
 
 def build_source(cfg, split: str) -> Source:
+    """The source of ``split``, less the samples listed in ``cfg.exclude``."""
+    source = _build_source(cfg, split)
+    return without(source, read_exclusions(cfg.exclude)) if cfg.exclude else source
+
+
+def _build_source(cfg, split: str) -> Source:
     """The source of ``split`` for a :class:`fastclr.config.DataConfig`: 'train' reads ``cfg.path``, 'test' reads
     ``cfg.eval_path`` (digits: the fixed 80/20 split). Fails before any compute, naming the missing path."""
     _check_split(split)

@@ -1,0 +1,175 @@
+"""Bad samples: find the encoded images DALI cannot decode before they reach a training pipeline.
+
+A DALI pipeline whose decoder meets an undecodable image fails as a whole, so every encoded sample passes a screen on
+the host (the loader's read-ahead thread) first:
+
+1. a cheap structural check of the bytes, microseconds per image: a known signature, and a complete stream where the
+   format makes that cheap to see (JPEG: the marker segments up to the scan are well formed and the file ends with
+   the end-of-image marker; PNG: IHDR first, IEND last; BMP and WebP: the declared size fits);
+2. anything the cheap check cannot vouch for (truncated or damaged-looking files, formats without a cheap check) is
+   decoded once by DALI's own CPU decoder, the decoder training uses: what it decodes is good, what it refuses is bad.
+
+So the verdict is DALI's, and the price of the exact verdict is paid only by unusual files. Decodable oddities need
+nothing: the decoder's RGB output turns grayscale, palette, CMYK/YCCK and alpha images into 3-channel RGB, and the
+random resized crop scales images smaller than the crop up. What the screen still misses (the GPU decoder disagreeing
+with the CPU one, a header valid to every check with a broken body) makes the pipeline fail; the loader then asks
+:func:`decodes` about every sample of the failed batch, marks the guilty ones and rebuilds (see ``TrainLoader``).
+"""
+from __future__ import annotations
+
+import struct
+import threading
+
+import numpy as np
+
+JPEG_SOI = b"\xff\xd8\xff"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+# JPEG markers without a length field (TEM, RSTn, SOI, EOI) and the frame (SOF) markers.
+_STANDALONE = {0x01, *range(0xD0, 0xD8), 0xD8, 0xD9}
+_SOF = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)}
+_TRAILER_SLACK = 64
+"""Bytes of padding tolerated after a JPEG's end-of-image marker before the file counts as suspicious."""
+
+OK, SUSPECT = "ok", "suspect"
+
+
+def sniff(buf) -> str:
+    """The image format by signature: 'jpeg', 'png', 'bmp', 'webp', 'tiff', 'jp2', 'pnm' or '' (not an image)."""
+    head = bytes(buf[:16])
+    if head.startswith(JPEG_SOI):
+        return "jpeg"
+    if head.startswith(PNG_SIGNATURE):
+        return "png"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "webp"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    if head.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):
+        return "jp2"
+    if len(head) >= 2 and head[0] == ord("P") and head[1] in b"123456":
+        return "pnm"
+    return ""
+
+
+def _jpeg_check(buf: bytes) -> str:
+    """OK if the marker segments up to the first scan are well formed and the file ends with EOI."""
+    n, i, frame = len(buf), 2, False
+    while True:
+        if i + 4 > n or buf[i] != 0xFF:
+            return SUSPECT
+        while buf[i + 1] == 0xFF:  # fill bytes before a marker
+            i += 1
+            if i + 4 > n:
+                return SUSPECT
+        marker = buf[i + 1]
+        if marker in _STANDALONE:
+            if marker == 0xD9:
+                return SUSPECT  # EOI before any scan
+            i += 2
+            continue
+        length = (buf[i + 2] << 8) | buf[i + 3]
+        if length < 2 or i + 2 + length > n:
+            return SUSPECT
+        frame |= marker in _SOF
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            break
+        i += 2 + length
+    if not frame:
+        return SUSPECT
+    tail = buf[max(0, n - _TRAILER_SLACK - 2):]
+    return OK if b"\xff\xd9" in tail else SUSPECT
+
+
+def _png_check(buf: bytes) -> str:
+    return OK if buf[12:16] == b"IHDR" and buf.endswith(PNG_IEND) else SUSPECT
+
+
+def quick_check(buf) -> tuple[str, str]:
+    """``(verdict, format)`` from the bytes alone: verdict 'ok' (decodable as far as a cheap check can tell),
+    'suspect' (needs a decode to tell) or an error message (certainly bad)."""
+    if len(buf) == 0:
+        return "empty file", ""
+    fmt = sniff(buf)
+    if not fmt:
+        return "not an image (unknown file signature)", ""
+    data = bytes(buf) if not isinstance(buf, bytes) else buf
+    if fmt == "jpeg":
+        return _jpeg_check(data), fmt
+    if fmt == "png":
+        return _png_check(data), fmt
+    if fmt == "bmp" and len(data) >= 6:
+        return (OK if struct.unpack("<I", data[2:6])[0] <= len(data) else SUSPECT), fmt
+    if fmt == "webp":
+        return (OK if struct.unpack("<I", data[4:8])[0] + 8 <= len(data) else SUSPECT), fmt
+    return SUSPECT, fmt
+
+
+def _decoder_message(text: str) -> str:
+    """The decoder's own words from a DALI pipeline error (which also carries a traceback of the graph)."""
+    if "encountered:" in text:
+        text = text.split("encountered:", 1)[1]
+    text = text.split("Current pipeline object", 1)[0]
+    return " ".join(text.split())[:200] or "decoder error"
+
+
+class _Decoder:
+    """One-image DALI CPU decode, reused across calls; rebuilt after a failure."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pipe = None
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_async=False,
+                      exec_pipelined=False)
+        def decode_one():
+            data = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+
+        pipe = decode_one()
+        pipe.build()
+        return pipe
+
+    def __call__(self, buf: np.ndarray) -> str | None:
+        """None if DALI decodes ``buf`` to a non-empty RGB image, else the reason it does not."""
+        with self._lock:
+            if self._pipe is None:
+                self._pipe = self._build()
+            try:
+                self._pipe.feed_input("encoded", [np.ascontiguousarray(buf, dtype=np.uint8)])
+                (out,) = self._pipe.run()
+                shape = tuple(out.at(0).shape)
+            except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses with the decoder's message
+                self._pipe = None
+                return f"not decodable ({_decoder_message(str(e))})"
+            if len(shape) != 3 or shape[2] != 3 or min(shape[:2]) < 1:
+                return f"decoded to an unusable shape {shape}"
+            return None
+
+
+_decoder = _Decoder()
+
+
+def decodes(buf) -> str | None:
+    """DALI's CPU decoder's verdict on one encoded image: None if it decodes, else why not."""
+    if len(buf) == 0:
+        return "empty file"
+    return _decoder(np.frombuffer(bytes(buf), np.uint8) if not isinstance(buf, np.ndarray) else buf)
+
+
+def screen(buf) -> str | None:
+    """None if ``buf`` is an image DALI decodes, else the reason it is bad. Cheap for ordinary JPEG/PNG files; one
+    CPU decode for anything the cheap check cannot vouch for."""
+    verdict, fmt = quick_check(buf)
+    if verdict == OK:
+        return None
+    if verdict != SUSPECT:
+        return verdict
+    reason = decodes(buf)
+    return None if reason is None else f"truncated or corrupt {fmt.upper()}: {reason}"
