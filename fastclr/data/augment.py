@@ -13,7 +13,9 @@ Applying an operator "with probability p" (DALI has no per-sample ``if`` outside
 * blur: conditional execution (``if coin:``), because the blur is by far the most expensive operator and a branch
   skips it for the unselected half. Measured on 2 CPU threads, 224 px, two views: no blur 550 images/s, blur on
   every sample 94, per-sample window size 1 for unselected samples 124, conditional branch 144. With ``blur_p == 0``
-  (32-px recipes) the operator is not built at all and conditionals stay off.
+  (32-px recipes) the operator is not built at all and conditionals stay off. Each sample's window also ends at
+  ±4σ instead of the paper's fixed 10% of the side (see ``BLUR_TRUNCATE``): the full ImageNet-recipe graph went
+  from 105 to 195 images/s on 2 CPU threads (640×427 JPEGs, 224-px views) with pixels unchanged to < 0.05 level.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import math
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
+BLUR_TRUNCATE = 4.0
+"""Gaussian blur windows end at ±4σ (or the paper's 10% of the side, whichever is narrower)."""
 LUMA = (0.299, 0.587, 0.114)
 """Rec. 601 luma weights: torchvision's grayscale, and the Y row of the YIQ space DALI's hsv operator works in."""
 
@@ -83,7 +87,12 @@ def random_view(images, aug, image_size: int, *, device: str, params: dict | Non
     if aug.blur_p > 0:
         params["blur"] = blur = fn.random.coin_flip(probability=aug.blur_p, dtype=types.BOOL)
         params["sigma"] = sigma = fn.random.uniform(range=aug.blur_sigma)
-        window = blur_kernel_size(image_size, aug.blur_kernel_frac)
+        # The paper's window (10% of the side) holds ±11 px at 224, but σ ≤ 2 puts all but 6e-5 of the kernel's
+        # mass within ±4σ: each sample's window is cut there (never wider than the paper's). The dropped tail moves
+        # a pixel by < 0.05 of an 8-bit level, and the blur costs half as much (it is the dearest operator).
+        params["window"] = window = fn.cast(
+            dmath.min(2.0 * dmath.ceil(BLUR_TRUNCATE * sigma) + 1.0,
+                      float(blur_kernel_size(image_size, aug.blur_kernel_frac))), dtype=types.INT32)
         if blur:  # conditional execution: only the selected samples are blurred
             images = fn.gaussian_blur(images, window_size=window, sigma=sigma)
     return images, flip
