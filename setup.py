@@ -38,7 +38,7 @@ setup(
         "cpu": [DALI_CUDA13],
         "cuda12": [DALI_CUDA12],
         "cuda13": [DALI_CUDA13],
-        "test": ["pytest>=7.4"],
-        "bench": ["kornia>=0.7"],  # only the data benchmark's Kornia baseline
+        "test": ["pytest>=7.4", "kornia>=0.7"],  # the suite's test runs the Kornia baseline too
+        "bench": ["kornia>=0.7"],  # the data benchmark's Kornia baseline
     },
 )

@@ -1,4 +1,8 @@
-"""LARS step: the multi-tensor (foreach) path against the per-tensor loop, on ResNet-50 + SimCLR projection head.
+"""LARS step: the multi-tensor (foreach) path against per-tensor loops, on ResNet-50 + SimCLR projection head.
+
+Two loops: the *same-kernel loop* (fastclr's own operators, in place, one tensor at a time: isolates what the
+multi-tensor dispatch changes) and, in the suite (``python -m benchmarks``), the *per-parameter loop* users run today
+(:class:`benchmarks.plain_simclr.PlainLARS`, out-of-place temporaries as in the public implementations).
 
 Times ``LARS.step()`` alone and counts the ATen operator calls one step dispatches; on CUDA it also counts the GPU
 work items (kernels, memcpy, memset) one step launches, which is what the multi-tensor path exists to cut.
@@ -32,6 +36,8 @@ from fastclr.optim import LARS, param_groups
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lars.jsonl")
 VARIANTS = (("foreach", True), ("loop", False))
+PLAIN = "plain"
+"""The public-style per-parameter LARS (benchmarks.plain_simclr.PlainLARS), stepping the same tensors."""
 
 
 class _OpCounter(TorchDispatchMode):
@@ -82,29 +88,36 @@ class _Bench:
         # SimCLR at batch 4096: LR 0.3·4096/256, weight decay 1e-6, η = 0.001 (Chen et al. 2020, appendix B.9).
         self.opt = LARS(param_groups(model, 1e-6), lr=4.8, momentum=0.9, trust_coefficient=1e-3)
         self.params = [p for group in self.opt.param_groups for p in group["params"]]
+        from benchmarks.plain_simclr import PlainLARS
+
+        self.plain = PlainLARS(self.params, lr=4.8, momentum=0.9, weight_decay=1e-6, eta=1e-3)
         self.fresh = [torch.randn_like(p).mul_(1e-2) for p in self.params]
         for p, g in zip(self.params, self.fresh):
             p.grad = g.clone()
         self.grads = [p.grad for p in self.params]
         self.device = device
 
-    def prepare(self, foreach: bool) -> None:
+    def prepare(self, foreach) -> None:
         for group in self.opt.param_groups:
-            group["foreach"] = foreach
+            group["foreach"] = foreach is True
         torch._foreach_copy_(self.grads, self.fresh)
 
-    def timed_step(self, foreach: bool) -> float:
+    def optimizer(self, foreach):
+        return self.plain if foreach == PLAIN else self.opt
+
+    def timed_step(self, foreach) -> float:
         self.prepare(foreach)
+        opt = self.optimizer(foreach)
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             start.record()
-            self.opt.step()
+            opt.step()
             end.record()
             torch.cuda.synchronize()
             return start.elapsed_time(end) / 1e3
         t0 = time.perf_counter()
-        self.opt.step()
+        opt.step()
         return time.perf_counter() - t0
 
 
@@ -180,6 +193,39 @@ def main(argv=None) -> list[dict]:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return rows
+
+
+def run(rec, *, quick: bool = False, smoke: bool = False) -> list[dict]:
+    """The suite's entry: the per-tensor loop (baseline) against the multi-tensor step, time and operator calls."""
+    arch, repeats, warmup = ("resnet18", 3, 1) if smoke else ("resnet50", 9, 2) if quick else ("resnet50", 25, 3)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bench = _Bench(arch, device)
+    for _ in range(warmup):
+        for _, foreach in VARIANTS:
+            bench.timed_step(foreach)
+    variants = VARIANTS + ((PLAIN, PLAIN),)
+    times = {name: [] for name, _ in variants}
+    for i in range(repeats):
+        for name, foreach in variants if i % 2 == 0 else variants[::-1]:
+            times[name].append(bench.timed_step(foreach))
+    shape = f"{arch} + head: {len(bench.params)} tensors, {sum(p.numel() for p in bench.params) / 1e6:.1f}M params"
+    names = {True: ("multi-tensor", "fastclr"), False: ("same-kernel loop", "baseline"),
+             PLAIN: ("per-parameter loop", "baseline")}
+    out = []
+    for name, foreach in variants:
+        variant, role = names[foreach]
+        bench.prepare(foreach)
+        ops = count_dispatched_ops(bench.optimizer(foreach).step)
+        out.append(rec.add(benchmark="lars", group=f"lars step {arch}", variant=variant, role=role, shape=shape,
+                           dtype="float32", unit="ms", values=[t * 1e3 for t in times[name]]))
+        out.append(rec.add(benchmark="lars", group=f"lars operator calls {arch}", variant=variant, role=role,
+                           shape=shape, dtype="float32", unit="ops/step", value=ops))
+        if device.type == "cuda":
+            bench.prepare(foreach)
+            out.append(rec.add(benchmark="lars", group=f"lars GPU launches {arch}", variant=variant, role=role,
+                               shape=shape, dtype="float32", unit="launches/step",
+                               value=count_gpu_launches(bench.optimizer(foreach).step)))
+    return out
 
 
 def _print_table(rows: list[dict], args, device_name: str) -> None:

@@ -77,7 +77,7 @@ def run_case(impl: str, two_n: int, d: int, dtype_name: str, repeats: int) -> di
     median = statistics.median(times)
     return {"benchmark": "ntxent", "impl": impl, "two_n": two_n, "d": d, "dtype": dtype_name, "device": device,
             "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "median_s": median, "min_s": min(times), "max_s": max(times), "repeats": repeats,
+            "median_s": median, "min_s": min(times), "max_s": max(times), "repeats": repeats, "times": times,
             "peak_bytes": int(peak), "flops_per_s": GEMMS[impl] * flop / median,
             "mm_flops_per_s": flop / statistics.median(mm_times)}
 
@@ -100,6 +100,28 @@ def _commit() -> str:
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         return ""
+
+
+def run(rec, *, quick: bool = False, smoke: bool = False, out_dir: str | None = None) -> list[dict]:
+    """The suite's entry: naive (baseline) against tiled (+ triton on CUDA), time and extra peak memory per 2N."""
+    import tempfile
+
+    sizes = ["--sizes", "256", "1024", "--repeats", "2"] if smoke else ["--quick"] if quick else \
+        ["--sizes", "1024", "4096", "16384"]
+    out = os.path.join(out_dir or tempfile.mkdtemp(), "ntxent.jsonl")
+    rows = main([*sizes, "--out", out])
+    recorded = []
+    for r in rows:
+        if "median_s" not in r:
+            continue
+        role = "baseline" if r["impl"] == "naive" else "fastclr"
+        shape = f"2N={r['two_n']} d={r['d']}"
+        recorded.append(rec.add(benchmark="ntxent", group=f"ntxent time {shape}", variant=r["impl"], role=role,
+                                shape=shape, dtype=r["dtype"], unit="s", values=r["times"],
+                                gflops_per_s=r["flops_per_s"] / 1e9, mm_gflops_per_s=r["mm_flops_per_s"] / 1e9))
+        recorded.append(rec.add(benchmark="ntxent", group=f"ntxent memory {shape}", variant=r["impl"], role=role,
+                                shape=shape, dtype=r["dtype"], unit="MiB", value=r["peak_bytes"] / 2**20))
+    return recorded
 
 
 def plot(rows: list[dict], path: str) -> None:

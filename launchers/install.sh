@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates ./.venv and installs fastclr for this machine.
 #   bash launchers/install.sh           # what pretraining needs
-#   bash launchers/install.sh --test    # that, plus the test runner
+#   bash launchers/install.sh --test    # that, plus the test runner (and Kornia, which the benchmark tests run)
+#   bash launchers/install.sh --bench   # that, plus Kornia for the data benchmark's baseline
 # Device selection: automatic (an NVIDIA driver answering `nvidia-smi` → CUDA builds), or forced with
 # FASTCLR_DEVICE=cpu | cuda12 | cuda13.
 #   cpu:    torch==2.13.0 (CPU build; an unpinned torch pulls a multi-GB CUDA build) + DALI's CPU operators
@@ -10,7 +11,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-[ "${1:-}" = "--test" ] && extras=",test"
+for arg in "$@"; do
+  case "$arg" in
+    --test) extras="$extras,test" ;;
+    --bench) extras="$extras,bench" ;;
+    *) echo "install.sh: unknown option '$arg' (use --test and/or --bench)" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
 
 # Debian/Ubuntu ship venv/ensurepip, the C++ compiler and Python headers separately; DeepSpeed JIT-compiles a small
