@@ -6,8 +6,9 @@ GPUs) and ``logging.timers=true``, then reads the per-phase milliseconds the tra
 
 The timers synchronize the device at each phase boundary on CUDA, so the phases add up to the step; that costs a
 little throughput, which is why they are off by default in training. Cross-replica negatives (the embedding
-all-gather) are inside ``loss`` and global-BN statistics inside ``forward``/``backward``: the ``comm`` phase is the
-gradient all-reduce alone.
+all-gather) are inside ``loss`` and global-BN statistics inside ``forward``/``backward``; with timers on and ≥ 2
+ranks the trainer puts a barrier before the gradient all-reduce, so ``wait`` is time spent waiting for the slowest
+rank and ``comm`` the all-reduce alone.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import tempfile
 
 from .common import RESULTS, ROOT, Recorder
 
-PHASES = ("data", "forward", "loss", "backward", "comm", "optimizer")
+PHASES = ("data", "forward", "loss", "backward", "wait", "comm", "optimizer")
 SCRIPT = os.path.join(ROOT, "launchers", "pretrain.py")
 
 

@@ -5,7 +5,7 @@
     python -m benchmarks.ntxent --sizes 16384 --impls naive tiled
 
 Each (impl, 2N) case runs in a fresh subprocess, so its peak memory is its own: on CPU the growth of the process's
-peak RSS over the inputs, on CUDA ``torch.cuda.max_memory_allocated`` over the inputs. FLOPs counted per step:
+peak RSS (VmHWM) over the inputs, on CUDA ``torch.cuda.max_memory_allocated`` over the inputs. FLOPs counted per step:
 forward 2·(2N)²·d; naive's backward 2 more GEMMs; tiled/triton recompute the logits in backward (tiled: 1 extra
 GEMM, triton: 2, one per backward kernel). The reference rate is ``torch.mm`` on the forward's own GEMM,
 (2N × d)·(d × 2N), measured in the same case.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,16 @@ def _timed(fn, device, repeats):
     return times[1:]
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not ``getrusage``'s ru_maxrss: Linux carries that across exec, so a
+    child of a large parent would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def run_case(impl: str, two_n: int, d: int, dtype_name: str, repeats: int) -> dict:
     """One measurement, in this process (call it in a fresh one for a clean peak-memory figure)."""
     import torch
@@ -65,12 +74,12 @@ def run_case(impl: str, two_n: int, d: int, dtype_name: str, repeats: int) -> di
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = peak_rss_bytes()
     times = _timed(step, device, repeats)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = peak_rss_bytes() - base
     a = torch.randn(two_n, d, device=device, dtype=dtype)
     mm_times = _timed(lambda: torch.mm(a, a.t()), device, repeats)
     flop = 2.0 * two_n * two_n * d

@@ -18,8 +18,10 @@ collective crosses (NVLink within a node, the node's network share across nodes)
 backward pass (no overlap), so the predicted step is compute + communication and the efficiency is their ratio.
 Weak scaling: the per-GPU batch stays fixed, the global batch grows with the nodes (4096 at 8 nodes × 8 × 64).
 
-The check: α and β of gloo on this machine are fitted from all-reduces of 4 KiB–16 MiB between 2 processes; the
-model's all-reduce time for the 2-rank breakdown run's model is compared with the ``comm`` phase the trainer measured.
+The check: α (the 4 KiB all-reduce) and β (the slope from 4 to 16 MiB) of gloo between 2 processes on this machine;
+the model's all-reduce time for the 2-rank breakdown run's model is compared with the ``comm`` phase the trainer
+measured (the trainer bills waiting for the slower rank to a separate ``wait`` phase). What the model leaves out is
+DeepSpeed's per-call work around the collective (bucketing, Python, gloo's per-call set-up).
 """
 from __future__ import annotations
 
@@ -110,8 +112,8 @@ def _allreduce_worker(rank: int, port: int, sizes: list[int], repeats: int, queu
 
 
 def fit_gloo(sizes=(4096, 65536, 1 << 20, 4 << 20, 16 << 20), repeats: int = 7):
-    """(α seconds, β bytes/s, {bytes: seconds}, local copy bytes/s) of a 2-process gloo all-reduce on this machine,
-    α and β by least squares; the copy rate is that of the flatten/scale/unflatten around it."""
+    """(α seconds, β bytes/s, {bytes: seconds}, local copy bytes/s) of a 2-process gloo all-reduce on this machine;
+    the copy rate is that of the flatten/scale/unflatten around it."""
     import torch.multiprocessing as mp
 
     from .breakdown import _free_port
@@ -126,10 +128,11 @@ def fit_gloo(sizes=(4096, 65536, 1 << 20, 4 << 20, 16 << 20), repeats: int = 7):
     for p in procs:
         p.join(timeout=60)
     copy_rate = times.pop("copy_bytes_per_s")
-    xs, ys = list(times), [times[s] for s in times]
-    mx, my = statistics.mean(xs), statistics.mean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    alpha = max(my - slope * mx, 0.0)
+    # α from the smallest message (pure latency), β from the slope between the two largest (pure bandwidth): a
+    # least-squares line through all of them lets the large messages' noise swamp the intercept.
+    sizes = sorted(times)
+    alpha = times[sizes[0]]
+    slope = (times[sizes[-1]] - times[sizes[-2]]) / (sizes[-1] - sizes[-2])
     return alpha, 1.0 / slope, times, copy_rate
 
 

@@ -121,7 +121,7 @@ class PhaseTimer:
     time lands in the phase that spent it (asynchronous launches would otherwise bill everything to the first sync).
     """
 
-    PHASES = ("data", "forward", "loss", "backward", "comm", "optimizer")
+    PHASES = ("data", "forward", "loss", "backward", "wait", "comm", "optimizer")
 
     def __init__(self, enabled: bool, device):
         self.enabled = enabled

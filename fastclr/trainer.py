@@ -180,6 +180,11 @@ class Trainer:
         with timer.phase("backward"):
             self.engine.backward(loss)
         if self.engine.is_gradient_accumulation_boundary():
+            if timer.enabled and self.rt.world_size > 1:
+                # Timers only: a barrier first, so that waiting for the slowest rank (imbalance, stragglers) is
+                # billed to 'wait' and 'comm' holds the all-reduce alone.
+                with timer.phase("wait"):
+                    torch.distributed.barrier()
             with timer.phase("comm"):
                 self.engine.allreduce_gradients()
             with timer.phase("optimizer"):
