@@ -137,8 +137,12 @@ def write_report(rows: list[dict], out_dir: str, *, mode: str, state: dict, read
             plots.append(path)
         lines += ["", f"## {bench}", ""] + _table(rs)
         if bench == "train_step":
-            lines += ["", "Achieved training FLOP/s (counted FLOPs / median step time):", ""]
+            roof = [r["median"] for r in rows if r["group"] == "matmul roofline"]
+            lines += ["", "Achieved training FLOP/s (counted FLOPs / median step time)"
+                      + (f", and its fraction of this device's measured dense bf16 matmul rate ({roof[0]:.0f} TFLOP/s)"
+                         if roof else "") + ":", ""]
             lines += [f"- {r['group']} {r['variant']}: {r['achieved_tflops'] * 1e3:.1f} GFLOP/s"
+                      + (f" ({r['achieved_tflops'] / roof[0] * 100:.1f}% of the matmul rate)" if roof else "")
                       for r in rs if "achieved_tflops" in r]
         if os.path.exists(path):
             lines += ["", f"![{bench}]({os.path.basename(path)})"]
