@@ -55,7 +55,7 @@ def sniff(buf) -> str:
     return ""
 
 
-def _jpeg_check(buf: bytes) -> str:
+def _jpeg_check(buf) -> str:
     """OK if the marker segments up to the first scan are well formed and the file ends with EOI."""
     n, i, frame = len(buf), 2, False
     while True:
@@ -80,12 +80,12 @@ def _jpeg_check(buf: bytes) -> str:
         i += 2 + length
     if not frame:
         return SUSPECT
-    tail = buf[max(0, n - _TRAILER_SLACK - 2):]
+    tail = bytes(buf[max(0, n - _TRAILER_SLACK - 2):])
     return OK if b"\xff\xd9" in tail else SUSPECT
 
 
-def _png_check(buf: bytes) -> str:
-    return OK if buf[12:16] == b"IHDR" and buf.endswith(PNG_IEND) else SUSPECT
+def _png_check(buf) -> str:
+    return OK if bytes(buf[12:16]) == b"IHDR" and bytes(buf[-len(PNG_IEND):]) == PNG_IEND else SUSPECT
 
 
 def quick_check(buf) -> tuple[str, str]:
@@ -96,15 +96,16 @@ def quick_check(buf) -> tuple[str, str]:
     fmt = sniff(buf)
     if not fmt:
         return "not an image (unknown file signature)", ""
-    data = bytes(buf) if not isinstance(buf, bytes) else buf
+    # A memoryview reads the bytes in place: the screen runs on every sample, so it copies nothing but a few slices.
+    data = memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf
     if fmt == "jpeg":
         return _jpeg_check(data), fmt
     if fmt == "png":
         return _png_check(data), fmt
     if fmt == "bmp" and len(data) >= 6:
-        return (OK if struct.unpack("<I", data[2:6])[0] <= len(data) else SUSPECT), fmt
+        return (OK if struct.unpack("<I", bytes(data[2:6]))[0] <= len(data) else SUSPECT), fmt
     if fmt == "webp":
-        return (OK if struct.unpack("<I", data[4:8])[0] + 8 <= len(data) else SUSPECT), fmt
+        return (OK if struct.unpack("<I", bytes(data[4:8]))[0] + 8 <= len(data) else SUSPECT), fmt
     return SUSPECT, fmt
 
 
