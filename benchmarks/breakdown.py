@@ -57,6 +57,10 @@ def run(rec: Recorder, *, quick: bool = False, smoke: bool = False, ranks: int =
         extra: list[str] | None = None) -> dict:
     """Records one row per phase (ms per step, median over the logged intervals after the first); returns
     {'phases': {phase: ms}, 'step_ms': total, 'overrides': [...], 'ranks': ranks}."""
+    import torch
+
+    if torch.cuda.is_available():
+        ranks = min(ranks, torch.cuda.device_count())  # one rank per GPU; a 1-GPU machine has no comm phase
     s = settings(quick, smoke)
     overrides = [*s["overrides"], f"train.stop_at_step={s['steps']}", f"train.log_every={s['log_every']}",
                  "train.epochs=100", *(extra or [])]

@@ -156,7 +156,8 @@ def run(rec: Recorder, *, quick: bool = False, smoke: bool = False, breakdown: d
         rows.append(rec.add(benchmark="scaling", group="scaling model", variant=f"{n} nodes x {GPUS_PER_NODE}",
                             role="measure", shape=shape, dtype="-", unit="efficiency", value=p["efficiency"],
                             predicted=p, compute_s=step_s, compute_from=device))
-    if breakdown is not None:
+    # The check is of the gloo path (a CPU run); on GPUs the breakdown's comm phase is NCCL's, which this fit is not.
+    if breakdown is not None and breakdown["ranks"] >= 2 and not torch.cuda.is_available():
         alpha, beta, samples, copy_rate = fit_gloo(repeats=3 if smoke else 7)
         cfg = breakdown["cfg"]
         from fastclr.trainer import build_model
