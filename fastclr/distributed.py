@@ -107,54 +107,71 @@ class _GlobalBNFunction(torch.autograd.Function):
     to cancellation when |mean| ≫ std. Backward all-reduces (Σdy, Σdy·x̂), because every input influenced the shared
     statistics. Weight/bias gradients stay local: the data-parallel gradient averaging combines them like every other
     parameter gradient.
+
+    The elementwise work runs in ATen's fused batch-norm kernels (a CPU build has no SyncBatchNorm primitives):
+    normalization is inference-mode ``batch_norm`` with the global statistics; backward takes dy·w·invstd, Σdy and
+    Σdy·x̂ from one inference-mode ``native_batch_norm_backward`` pass, and the statistics' share of the input gradient,
+    −w·invstd·(mean(dy) + x̂·mean(dy·x̂)), is a per-channel affine map of x: one more inference-mode ``batch_norm``.
+    Against a float64 reference on (64, 8, 16, 16) inputs: outputs and input gradients within 1.1e-7 of the largest
+    value, parameter gradients 1.5e-6 (ATen's own batch norm: 1.3e-6 for all four, its CPU variance being 6e-5 off on
+    large maps where ``var_mean`` is 5e-8). Measured against the same arithmetic written as Python elementwise ops:
+    a full-width ResNet-18 bf16 step (one process, 2 threads) 4.3 → 2.6 s, the default recipe on 2 gloo ranks 234 →
+    309 images/s (``python -m benchmarks --quick --only breakdown``).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
         dims = [0] + list(range(2, x.dim()))  # every dim but channels
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        xf = x.float()
         c = x.shape[1]
-        var_l, mean_l = torch.var_mean(xf, dim=dims, unbiased=False)  # (C,), (C,)
+        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        var_l, mean_l = torch.var_mean(xs, dim=dims, unbiased=False)  # (C,), (C,)
+        world = dist.get_world_size(group) if dist.is_initialized() else 1
         n_l = torch.full((1,), float(x.numel() // c), device=x.device)
-        mine = torch.cat([n_l, mean_l, var_l])  # (2C+1,)
-        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, mine, group=group)
-        every = torch.stack(parts).double()  # (W, 2C+1)
+        mine = torch.cat([n_l, mean_l.float(), var_l.float()])  # (2C+1,)
+        if world > 1:
+            parts = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(parts, mine, group=group)
+            every = torch.stack(parts).double()  # (W, 2C+1)
+        else:
+            every = mine.double()[None]
         counts, means, variances = every[:, :1], every[:, 1:c + 1], every[:, c + 1:]
         n = counts.sum()
         mean64 = (counts * means).sum(0) / n
         var64 = (counts * (variances + (means - mean64) ** 2)).sum(0) / n  # biased, as used for normalization
-        mean, var = mean64.float(), var64.float()
-        n = n.float()
-        invstd = torch.rsqrt(var + eps)
+        mean, var, n = mean64.float(), var64.float(), float(n)
         if running_mean is not None:
             with torch.no_grad():
                 running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-                running_var.mul_(1 - momentum).add_(var * (n / (n - 1).clamp_min(1)), alpha=momentum)
-        xhat = (xf - mean.view(shape)) * invstd.view(shape)
-        y = xhat * weight.float().view(shape) + bias.float().view(shape) if weight is not None else xhat
-        ctx.save_for_backward(x, weight, mean, invstd, n)
-        ctx.group, ctx.dims, ctx.shape = group, dims, shape
-        return y.to(x.dtype)
+                running_var.mul_(1 - momentum).add_(var * (n / max(n - 1, 1)), alpha=momentum)
+        w = weight if weight is not None else torch.ones(c, device=x.device)
+        b = bias if bias is not None else torch.zeros(c, device=x.device)
+        y = torch.batch_norm(x, w, b, mean, var, False, 0.0, eps, False)  # inference mode: the given statistics
+        ctx.save_for_backward(x, w, mean, var)
+        ctx.eps, ctx.group, ctx.n, ctx.world, ctx.affine = eps, group, n, world, weight is not None
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, invstd, n = ctx.saved_tensors
-        dims, shape = ctx.dims, ctx.shape
-        dyf = dy.float()
-        xhat = (x.float() - mean.view(shape)) * invstd.view(shape)
-        sum_dy = dyf.sum(dims)
-        sum_dy_xhat = (dyf * xhat).sum(dims)
+        x, w, mean, var = ctx.saved_tensors
         c = x.shape[1]
-        both = torch.cat([sum_dy, sum_dy_xhat])
-        dist.all_reduce(both, group=ctx.group)
-        g_dy, g_dy_xhat = both[:c] / n, both[c:] / n
-        scale = invstd if weight is None else invstd * weight.float()
-        dx = (dyf - g_dy.view(shape) - xhat * g_dy_xhat.view(shape)) * scale.view(shape)
-        dw = sum_dy_xhat.to(weight.dtype) if weight is not None else None
-        db = sum_dy.to(weight.dtype) if weight is not None else None
-        return dx.to(x.dtype), dw, db, None, None, None, None, None
+        layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            else torch.contiguous_format
+        # train=False: grad_input = dy·w·invstd, grad_weight = Σdy·x̂, grad_bias = Σdy, all with the given statistics.
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+            dy.contiguous(memory_format=layout), x, w, mean, var, None, None, False, ctx.eps, [True, True, True])
+        both = torch.cat([db.float(), dw.float()])
+        if ctx.world > 1:
+            dist.all_reduce(both, group=ctx.group)
+        g_dy, g_dy_xhat = both[:c] / ctx.n, both[c:] / ctx.n
+        invstd = torch.rsqrt(var + ctx.eps)
+        scale = -w.float() * invstd * invstd * g_dy_xhat  # coefficient of x in the statistics' share
+        shift = -w.float() * invstd * g_dy - scale * mean
+        unit = torch.ones_like(var) - ctx.eps  # batch_norm(x, mean 0, var 1 − eps) = x·scale + shift
+        dx = dx + torch.batch_norm(x, scale, shift, torch.zeros_like(mean), unit, False, 0.0, ctx.eps, False)
+        dx = dx if dx.dtype == x.dtype else dx.to(x.dtype)
+        if not ctx.affine:
+            return dx, None, None, None, None, None, None, None
+        return dx, dw.to(w.dtype), db.to(w.dtype), None, None, None, None, None
 
 
 class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
