@@ -191,8 +191,8 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x):
         self._check_input_dim(x)
-        if not self.training or not dist.is_initialized() or dist.get_world_size(self.group) == 1:
-            return super().forward(x)
+        if not self.training:
+            return super().forward(x)  # running statistics: nothing to share
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
         return _GlobalBNFunction.apply(x, self.weight, self.bias, self.running_mean if self.track_running_stats else None,
