@@ -149,11 +149,12 @@ class Trainer:
                                else None)
 
     def _norm_layer(self):
-        if not (self.cfg.distributed.global_bn and self.rt.world_size > 1):
-            return None
+        size = self.cfg.distributed.bn_group_size or self.rt.world_size
+        if not self.cfg.distributed.global_bn or size == 1:
+            return None  # statistics of one rank: ATen's own batch norm
         from .distributed import global_bn_layer
 
-        return global_bn_layer(self.cfg.distributed.bn_group_size or self.rt.world_size)
+        return global_bn_layer(size)
 
     # ------------------------------------------------------------------------------------------------------------ #
     def lr_at(self, step: int) -> float:
