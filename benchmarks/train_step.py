@@ -99,7 +99,7 @@ def run(rec: Recorder, *, quick: bool = False, smoke: bool = False, flops: dict 
     threads = bench_threads()
     if not cuda:
         torch.set_num_threads(threads)
-    repeats, ablation_repeats = (2, 1) if smoke else (3, 2) if quick else (5, 3)
+    repeats, ablation_repeats = (2, 1) if smoke else (3, 3) if quick else (5, 5)
     rows = []
     tmp = tempfile.mkdtemp(prefix="fastclr-bench-")
     for w in workloads(quick, smoke, cuda):
