@@ -88,7 +88,7 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs: int = 100, lr: float 
 
 
 def _labelled(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows with a label: the loaders mark bad images (replaced by a placeholder) with label -1."""
+    """Rows with a label: the loaders mark bad images (replaced by a 1-pixel stand-in image) with label -1."""
     keep = y >= 0
     return (x, y) if bool(keep.all()) else (x[keep], y[keep])
 

@@ -46,7 +46,7 @@ EVAL_SUBSET_SEED = 1234
 REPLACE_STREAM = 0xBAD
 """Mixed into the seed of the replacements drawn for bad samples."""
 MAX_REPLACEMENT_TRIES = 64
-PLACEHOLDER = np.frombuffer(b"P6\n1 1\n255\n\x00\x00\x00", np.uint8)
+STAND_IN = np.frombuffer(b"P6\n1 1\n255\n\x00\x00\x00", np.uint8)
 """A valid 1×1 black image (binary PPM) standing in for a bad sample where no replacement may be drawn (evaluation:
 the slot's label becomes -1 and the sample is left out of the metrics)."""
 
@@ -365,7 +365,7 @@ class EvalLoader:
         indices = self.indices[start:start + self.batch_size]
         samples = self.source.read(indices)
         if self.source.encoded:
-            samples = [buf if self.bad.check(int(i), buf) else PLACEHOLDER for i, buf in zip(indices, samples)]
+            samples = [buf if self.bad.check(int(i), buf) else STAND_IN for i, buf in zip(indices, samples)]
         return samples
 
     def __iter__(self):
