@@ -21,6 +21,9 @@ setup(
     # The Triton kernels live in kernels/ but install as fastclr_kernels: a bare `kernels` would collide with other
     # distributions that ship a top-level package of that name.
     package_dir={"fastclr_kernels": "kernels"},
+    # The recipes (launchers/configs in a checkout links here), so that an installed `fastclr pretrain --config NAME`
+    # finds them.
+    package_data={"fastclr": ["recipes/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",

@@ -16,21 +16,17 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 
 from .common import RESULTS, ROOT, Recorder
 
-PHASES = ("data", "forward", "loss", "backward", "wait", "comm", "optimizer")
+from fastclr.metrics import PhaseTimer
+from fastclr.runtime import free_port
+
+PHASES = PhaseTimer.PHASES
 SCRIPT = os.path.join(ROOT, "launchers", "pretrain.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def settings(quick: bool, smoke: bool) -> dict:
@@ -47,7 +43,7 @@ def launch(ranks: int, overrides: list[str], run_dir: str, timeout: int = 900) -
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    args = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(_free_port()), SCRIPT, *overrides,
+    args = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), SCRIPT, *overrides,
             f"logging.dir={run_dir}", f"checkpoint.dir={run_dir}/ckpt", "logging.timers=true",
             "logging.tensorboard=false", "eval.probe_epochs=0", "eval.baseline=false", "eval.max_eval_images=512"]
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)

@@ -80,16 +80,23 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_calls(fn: Callable[[], object], *, repeats: int, warmup: int = 1, device="cpu") -> list[float]:
-    """Seconds per call of ``fn`` for ``repeats`` calls after ``warmup`` untimed ones; on CUDA timed with events
-    around the call and a synchronization after it."""
+def time_calls(fn: Callable[[], object], *, repeats: int, warmup: int = 1, device="cpu",
+               setup: Callable[[], object] | None = None) -> list[float]:
+    """Seconds per call of ``fn`` for ``repeats`` calls after ``warmup`` untimed ones: the one timing loop of every
+    benchmark. ``setup`` runs before each call, untimed (fresh gradients, a barrier). On CUDA each call is timed
+    with events around it and a synchronization after it; on the CPU with the monotonic performance counter."""
     import torch
 
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
     sync(device)
     out = []
     for _ in range(repeats):
+        if setup is not None:
+            setup()
+            sync(device)
         if str(device).startswith("cuda"):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

@@ -23,14 +23,14 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.common import commit as _commit
+from benchmarks.common import time_calls
 from fastclr.models import ProjectionHead, SimCLRModel, build_backbone
 from fastclr.optim import LARS, param_groups
 
@@ -106,27 +106,9 @@ class _Bench:
         return self.plain if foreach == PLAIN else self.opt
 
     def timed_step(self, foreach) -> float:
-        self.prepare(foreach)
-        opt = self.optimizer(foreach)
-        if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            opt.step()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        opt.step()
-        return time.perf_counter() - t0
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+        """Seconds of one step; the gradients are refilled before it, untimed."""
+        return time_calls(self.optimizer(foreach).step, repeats=1, warmup=0, device=self.device,
+                          setup=lambda: self.prepare(foreach))[0]
 
 
 def _parse(argv):

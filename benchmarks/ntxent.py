@@ -1,7 +1,7 @@
 """NT-Xent forward+backward: time, peak memory and FLOP/s of naive / tiled / triton, beside the machine's torch.mm.
 
-    python benchmarks/ntxent.py                       # 2N ∈ {1k, 4k, 16k, 64k}, d = 128
-    python benchmarks/ntxent.py --quick               # 2N ∈ {1k, 4k}
+    python -m benchmarks.ntxent                       # 2N ∈ {1k, 4k, 16k, 64k}, d = 128
+    python -m benchmarks.ntxent --quick               # 2N ∈ {1k, 4k}
     python -m benchmarks.ntxent --sizes 16384 --impls naive tiled
 
 Each (impl, 2N) case runs in a fresh subprocess, so its peak memory is its own: on CPU the growth of the process's
@@ -20,25 +20,10 @@ import subprocess
 import sys
 import time
 
+from benchmarks.common import commit as _commit
+from benchmarks.common import time_calls
+
 GEMMS = {"naive": 3, "tiled": 4, "triton": 5}
-
-
-def _sync(device):
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device, repeats):
-    times = []
-    for _ in range(repeats + 1):  # the first call warms up (allocations, autotuning) and is dropped
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times[1:]
 
 
 def peak_rss_bytes() -> int:
@@ -75,13 +60,13 @@ def run_case(impl: str, two_n: int, d: int, dtype_name: str, repeats: int) -> di
         base = torch.cuda.memory_allocated()
     else:
         base = peak_rss_bytes()
-    times = _timed(step, device, repeats)
+    times = time_calls(step, repeats=repeats, device=device)  # the warm-up call: allocations, autotuning
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = peak_rss_bytes() - base
     a = torch.randn(two_n, d, device=device, dtype=dtype)
-    mm_times = _timed(lambda: torch.mm(a, a.t()), device, repeats)
+    mm_times = time_calls(lambda: torch.mm(a, a.t()), repeats=repeats, device=device)
     flop = 2.0 * two_n * two_n * d
     median = statistics.median(times)
     return {"benchmark": "ntxent", "impl": impl, "two_n": two_n, "d": d, "dtype": dtype_name, "device": device,
@@ -101,14 +86,6 @@ def _fits(impl: str, two_n: int, device: str) -> bool:
 
         return need < torch.cuda.get_device_properties(0).total_memory
     return need < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        return ""
 
 
 def run(rec, *, quick: bool = False, smoke: bool = False, out_dir: str | None = None) -> list[dict]:

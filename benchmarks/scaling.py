@@ -29,11 +29,10 @@ import argparse
 import math
 import os
 import statistics
-import time
 
 import torch
 
-from .common import RESULTS, Recorder
+from .common import RESULTS, Recorder, time_calls
 
 NODES = (1, 2, 4, 8, 16, 32, 64)
 GPUS_PER_NODE = 8
@@ -86,26 +85,18 @@ def _allreduce_worker(rank: int, port: int, sizes: list[int], repeats: int, queu
     out = {}
     for n in sizes:
         x = torch.ones(n // 4)
-        for _ in range(2):
-            dist.all_reduce(x)
-        times = []
-        for _ in range(repeats):
-            dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_reduce(x)
-            times.append(time.perf_counter() - t0)
-        out[n] = statistics.median(times)
+        out[n] = statistics.median(time_calls(lambda: dist.all_reduce(x), repeats=repeats, warmup=2,
+                                              setup=dist.barrier))
     # DeepSpeed's all-reduce also flattens the gradients into a bucket, scales it by 1/K and copies it back: three
     # local passes over the bytes, timed here on 100 tensors of 16 MiB in all.
     grads = [torch.randn((16 << 20) // 4 // 100) for _ in range(100)]
-    copies = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+
+    def flatten_scale_copy():
         flat = torch.cat([g.view(-1) for g in grads])
         flat.div_(2)
         torch._foreach_copy_(grads, list(flat.split([g.numel() for g in grads])))
-        copies.append(time.perf_counter() - t0)
-    out["copy_bytes_per_s"] = (16 << 20) / statistics.median(copies)
+
+    out["copy_bytes_per_s"] = (16 << 20) / statistics.median(time_calls(flatten_scale_copy, repeats=repeats, warmup=0))
     if rank == 0:
         queue.put(out)
     dist.destroy_process_group()
@@ -116,11 +107,11 @@ def fit_gloo(sizes=(4096, 65536, 1 << 20, 4 << 20, 16 << 20), repeats: int = 7):
     the copy rate is that of the flatten/scale/unflatten around it."""
     import torch.multiprocessing as mp
 
-    from .breakdown import _free_port
+    from fastclr.runtime import free_port
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_allreduce_worker, args=(r, port, list(sizes), repeats, queue)) for r in range(2)]
     for p in procs:
         p.start()
@@ -160,9 +151,9 @@ def run(rec: Recorder, *, quick: bool = False, smoke: bool = False, breakdown: d
     if breakdown is not None and breakdown["ranks"] >= 2 and not torch.cuda.is_available():
         alpha, beta, samples, copy_rate = fit_gloo(repeats=3 if smoke else 7)
         cfg = breakdown["cfg"]
-        from fastclr.trainer import build_model
+        from fastclr.models import build_model
 
-        bmc = model_comm(build_model(cfg), cfg.model.proj_out_dim)
+        bmc = model_comm(build_model(cfg.model), cfg.model.proj_out_dim)
         k = breakdown["ranks"]
         grad_bytes = 4 * bmc["params"]  # the 2-process fit already holds the ring's factor for K = 2
         predicted_ms = (alpha + grad_bytes / beta + grad_bytes / copy_rate) * 1e3

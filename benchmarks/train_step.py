@@ -28,8 +28,7 @@ import torch
 from .common import RESULTS, Recorder, bar_chart, bench_threads, ratio, time_calls
 from .plain_simclr import TECHNIQUES, Step
 
-DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launchers", "configs",
-                              "default.yaml")
+DEFAULT_RECIPE = "default"
 
 
 def workloads(quick: bool, smoke: bool, cuda: bool) -> list[dict]:
@@ -58,9 +57,10 @@ def config_for(w: dict, run_dir: str, *extra: str):
 
 def fastclr_trainer(cfg):
     from fastclr import runtime
-    from fastclr.trainer import Trainer, preflight
+    from fastclr.config import validate_run
+    from fastclr.trainer import Trainer
 
-    plan = preflight(cfg, 1, torch.cuda.is_available())
+    plan = validate_run(cfg, 1, torch.cuda.is_available())
     return Trainer(cfg, runtime.setup("auto"), plan)
 
 
@@ -71,10 +71,10 @@ def _views(w: dict, device, seed: int = 0):
 
 
 def _baseline_model(cfg, device):
-    from fastclr.trainer import build_model
+    from fastclr.models import build_model
 
     torch.manual_seed(0)
-    return build_model(cfg).to(device)
+    return build_model(cfg.model).to(device)
 
 
 def _jpeg_tar(n: int, folder: str) -> tuple[str, list[bytes]]:
@@ -133,7 +133,7 @@ def run(rec: Recorder, *, quick: bool = False, smoke: bool = False, flops: dict 
         trainer = fastclr_trainer(cfg)
         fa = view_a.to(trainer.batch_dtype).contiguous(memory_format=torch.channels_last)
         fb = view_b.to(trainer.batch_dtype).contiguous(memory_format=torch.channels_last)
-        record("fastclr", "fastclr", time_calls(lambda: trainer.train_step(fa, fb), repeats=repeats, device=device),
+        record("fastclr", "fastclr", time_calls(lambda: trainer.train_step([(fa, fb)]), repeats=repeats, device=device),
                "bfloat16")
         trainer.close()
         del trainer
@@ -180,15 +180,8 @@ def _end_to_end(rec, w, tmp, device, threads, repeats) -> list[dict]:
 
     trainer = fastclr_trainer(cfg)
 
-    def fastclr_batches():
-        while True:
-            yield from trainer._batches()
-
-    fit = fastclr_batches()
-
     def fastclr_step():
-        a, bb = next(fit)
-        trainer.train_step(a, bb)
+        trainer.train_step(trainer.next_micro_batches())
 
     times = time_calls(fastclr_step, repeats=repeats, device=device)
     rows.append(rec.add(benchmark="train_step", group=group, variant="fastclr + dali", role="fastclr", shape=shape,

@@ -102,3 +102,32 @@ def evaluate_encoder(model, train_loader, test_loader, device, *, knn_k: int, kn
     if probe_epochs > 0:
         out["probe_top1"] = linear_probe(xtr, ytr, xte, yte, epochs=probe_epochs, lr=probe_lr, seed=seed).test_top1
     return out
+
+
+def evaluate_run(cfg, model, rt, *, with_baseline: bool, probe: bool = True) -> dict:
+    """kNN (and the probe) of a training run's encoder on its config's held-out split; with ``with_baseline`` also
+    of the random-init encoder the run started from (the same seed rebuilds it exactly). Rank 0 evaluates the
+    replicated encoder while the others wait; {} on other ranks."""
+    from .config import autocast_dtype
+    from .data import build_eval_loader
+    from .models import build_model
+    from .runtime import barrier
+
+    results = {}
+    if rt.is_main:
+        e, dtype = cfg.eval, autocast_dtype(cfg)
+        fmt = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
+        kw = dict(batch_size=256, device=rt.device, dtype=dtype or torch.float32,
+                  channels_last=cfg.precision.channels_last, max_images=e.max_eval_images)
+        train_loader, test_loader = build_eval_loader(cfg.data, "train", **kw), build_eval_loader(cfg.data, "test", **kw)
+        score = dict(knn_k=e.knn_k, knn_temperature=e.knn_temperature, probe_epochs=e.probe_epochs if probe else 0,
+                     probe_lr=e.probe_lr, autocast_dtype=dtype, seed=cfg.seed)
+        results = evaluate_encoder(model, train_loader, test_loader, rt.device, **score)
+        if with_baseline:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                baseline = build_model(cfg.model).to(rt.device, memory_format=fmt)
+            base = evaluate_encoder(baseline, train_loader, test_loader, rt.device, **score)
+            results.update({f"baseline_{k}": v for k, v in base.items()})
+    barrier()
+    return results

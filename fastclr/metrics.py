@@ -1,4 +1,4 @@
-"""Run metrics: CSV + JSONL rows, TensorBoard scalars, a progress display, and PNG plots at the end.
+"""Run metrics: CSV + JSONL rows, TensorBoard scalars, per-phase step timers, the log window and a progress display.
 
 Only rank 0 writes. Values arrive as Python floats: the trainer turns tensors into numbers at log steps only, since
 every ``.item()`` is a host sync.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import os
 import sys
 import time
@@ -31,7 +32,7 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
                 self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
             except ImportError:  # tensorboard is a declared dependency; a broken install only loses the TB view
-                print("fastclr: tensorboard not importable; metrics go to CSV/JSONL only", file=sys.stderr)
+                logging.getLogger(__name__).warning("tensorboard not importable; metrics go to CSV/JSONL only")
 
     def log(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
@@ -62,56 +63,6 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
-
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def plot_run(run_dir: str) -> list[str]:
-    """Draw loss, LR, throughput and probe accuracy from ``metrics.jsonl``; returns the PNG paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    train = [r for r in rows if r["kind"] == "train"]
-    evals = [r for r in rows if r["kind"] == "eval"]
-    out = []
-    for key, label in (("loss", "NT-Xent loss"), ("lr", "learning rate"), ("images_per_s", "images/s (all ranks)")):
-        pts = [(r["step"], r[key]) for r in train if key in r]
-        if not pts:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(*zip(*pts))
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        path = os.path.join(run_dir, f"{key}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        out.append(path)
-    if evals:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key, label in (("knn_top1", "kNN, pretrained"), ("probe_top1", "linear probe, pretrained"),
-                           ("baseline_knn_top1", "kNN, random init"), ("baseline_probe_top1", "linear probe, random init")):
-            pts = [(r["step"], r[key]) for r in evals if key in r]
-            if pts:
-                style = "--" if key.startswith("baseline") else "-"
-                ax.plot(*zip(*pts), style, marker="o", label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        path = os.path.join(run_dir, "accuracy.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        out.append(path)
-    return out
 
 
 class PhaseTimer:
@@ -157,16 +108,20 @@ class PhaseTimer:
 class Progress:
     """A tqdm bar on a terminal; plain periodic lines otherwise (logs of batch jobs stay readable)."""
 
-    def __init__(self, total: int, enabled: bool, initial: int = 0, every_s: float = 15.0):
+    def __init__(self, total: int, enabled: bool, every_s: float = 15.0):
         self.enabled = enabled
         self.tty = sys.stdout.isatty()
-        self.total, self.n = total, initial
+        self.total, self.n = total, 0
         self.every_s, self._last = every_s, 0.0
         self._postfix = ""
         self._bar = None
-        if enabled and self.tty:
+
+    def start(self, initial: int) -> None:
+        """Begin displaying at step ``initial`` (a resumed run starts part-way)."""
+        self.n = initial
+        if self.enabled and self.tty:
             from tqdm import tqdm
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=self.total, initial=initial, unit="step", dynamic_ncols=True)
 
     def update(self, n: int = 1, postfix: str | None = None) -> None:
         if not self.enabled:
@@ -188,3 +143,28 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+class LogWindow:
+    """The steps since the last log line: their summed loss stays a device tensor until ``pop`` (a log step)."""
+
+    def __init__(self, device, step: int = 0):
+        import torch
+
+        self.loss_sum = torch.zeros((), device=device)
+        self.reset(step)
+
+    def reset(self, step: int) -> None:
+        self.loss_sum.zero_()
+        self.steps, self.first_step, self.t0 = 0, step, time.monotonic()
+
+    def add(self, loss) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    def pop(self, step: int, images_per_step: int) -> tuple[float, float]:
+        """(mean loss, images/s) over the window, then a new window from ``step``. The one host sync of a log."""
+        mean = (self.loss_sum / max(self.steps, 1)).item()
+        ips = (step - self.first_step) * images_per_step / max(time.monotonic() - self.t0, 1e-9)
+        self.reset(step)
+        return mean, ips

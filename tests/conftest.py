@@ -2,8 +2,7 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+from tests.helpers import SHARED_DATA
 
 
 @pytest.fixture

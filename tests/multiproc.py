@@ -1,17 +1,12 @@
 """Run a function on K gloo ranks in fresh processes and collect each rank's return value."""
 import os
-import socket
 import tempfile
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fastclr.runtime import free_port
 
 
 def _entry(rank, world, port, out_dir, fn, args):
@@ -29,6 +24,6 @@ def _entry(rank, world, port, out_dir, fn, args):
 def run_ranks(fn, world: int, *args):
     """``fn(rank, world, *args)`` on ``world`` processes (module-level fn, picklable args); list of results by rank."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_entry, args=(world, _free_port(), out_dir, fn, args), nprocs=world, join=True,
+        mp.start_processes(_entry, args=(world, free_port(), out_dir, fn, args), nprocs=world, join=True,
                            start_method="spawn")
         return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False) for r in range(world)]

@@ -4,8 +4,7 @@ import pytest
 
 from fastclr.config import (Config, ConfigError, batch_plan, deepspeed_config, load_config, to_dict, validate_run)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = os.path.join(ROOT, "launchers", "configs")
+from tests.helpers import RECIPES
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(RECIPES)))
@@ -78,6 +77,6 @@ def test_to_dict_round_trips():
     d = to_dict(cfg)
     import yaml
     again = load_config(None, [])
-    from fastclr.config import _from_dict
-    again = _from_dict(Config, yaml.safe_load(yaml.safe_dump(d)))
+    from fastclr.config import from_dict
+    again = from_dict(Config, yaml.safe_load(yaml.safe_dump(d)))
     assert again == cfg

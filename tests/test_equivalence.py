@@ -22,16 +22,15 @@ def _views():
 
 
 def _train_fixed(rank, world, global_bn, views, out_dir, base_lr=None):
-    from fastclr import runtime
     from fastclr.config import load_config
-    from fastclr.trainer import Trainer, preflight
+    from tests.helpers import make_trainer
 
     cfg = load_config(os.path.join(ROOT, "launchers", "configs", "default.yaml"), [
         "model.width_mult=0.125", "model.proj_hidden_dim=32", "model.proj_out_dim=16", "data.image_size=16",
         f"train.global_batch_size={GLOBAL_BATCH}", f"distributed.global_bn={global_bn}", "precision.dtype=fp32",
         "optim.warmup_epochs=0", f"optim.base_lr={base_lr or BASE_LR}", "logging.progress=false", "logging.tensorboard=false",
         f"logging.dir={out_dir}/{world}-{rank}", f"checkpoint.dir={out_dir}/{world}-{rank}/ckpt"])
-    trainer = Trainer(cfg, runtime.setup("gloo"), preflight(cfg, world, False))
+    trainer = make_trainer(cfg, world)
     first_grads = {}
 
     def record(opt, args, kwargs):  # the all-reduced gradients the first LARS step sees
@@ -43,8 +42,7 @@ def _train_fixed(rank, world, global_bn, views, out_dir, base_lr=None):
     losses = []
     for view_a, view_b in views:
         local = [v[rank * n:(rank + 1) * n].contiguous(memory_format=torch.channels_last) for v in (view_a, view_b)]
-        loss = trainer.train_step(*local)
-        trainer.step += 1
+        loss = trainer.train_step([tuple(local)])
         if world > 1:
             torch.distributed.all_reduce(loss)  # each rank's loss is the mean over its anchors
         losses.append(loss.item() / world)
@@ -58,7 +56,7 @@ def _train_same_bn_arithmetic(rank, world, global_bn, views, out_dir, base_lr=No
     from fastclr.distributed import global_bn_layer
     from fastclr.trainer import Trainer
 
-    Trainer._norm_layer = lambda self: global_bn_layer(self.rt.world_size)
+    Trainer.norm_layer = lambda self: global_bn_layer(self.rt.world_size)
     return _train_fixed(rank, world, global_bn, views, out_dir, base_lr)
 
 

@@ -10,27 +10,16 @@ import time
 
 
 from fastclr import checkpoint
+from tests.helpers import DEFAULT_RECIPE, PRETRAIN
+from tests.helpers import TINY as _TINY
+from tests.helpers import subprocess_env
+from tests.helpers import wait_for as _wait_for
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["model.width_mult=0.125", "model.proj_hidden_dim=64", "model.proj_out_dim=32", "train.global_batch_size=64",
-        "train.log_every=1", "eval.probe_epochs=0", "eval.baseline=false", "logging.progress=false",
-        "logging.tensorboard=false", "checkpoint.every_epochs=0", "eval.max_eval_images=128"]
+TINY = _TINY + ["eval.max_eval_images=128"]
 
 
 def _env(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
-def _wait_for(pred, timeout, what):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    return subprocess_env()
 
 
 def test_sigusr1_checkpoints_requeues_and_resumes(tmp_path):
@@ -41,7 +30,7 @@ def test_sigusr1_checkpoints_requeues_and_resumes(tmp_path):
     (bindir / "scontrol").chmod(0o755)
     env = _env(tmp_path)
     env.update(PATH=f"{bindir}{os.pathsep}{env['PATH']}", SLURM_JOB_ID="4242")
-    args = [sys.executable, os.path.join(ROOT, "launchers", "pretrain.py"), *TINY, "train.epochs=50",
+    args = [sys.executable, PRETRAIN, *TINY, "train.epochs=50",
             f"logging.dir={tmp_path}/run", f"checkpoint.dir={tmp_path}/ckpt"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -66,16 +55,15 @@ def test_sigusr1_checkpoints_requeues_and_resumes(tmp_path):
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from fastclr import checkpoint, runtime
+    from fastclr import atomic
     from fastclr.config import load_config
-    from fastclr.trainer import Trainer, preflight
-    cfg = load_config(sys.argv[1], sys.argv[2:])
-    trainer = Trainer(cfg, runtime.setup("gloo"), preflight(cfg, 1, False))
+    from tests.helpers import make_trainer
+    trainer = make_trainer(load_config(sys.argv[1], sys.argv[2:]))
     trainer.train()                      # stops at train.stop_at_step with a complete checkpoint
-    trainer.step += 1                    # the next save gets killed while writing its per-rank file
+    trainer.state.step += 1              # the next save gets killed while writing its per-rank file
     def die(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
-    checkpoint.atomic_torch_save = die
+    atomic.torch_save = die
     trainer.save()
 """)
 
@@ -83,8 +71,7 @@ KILLER = textwrap.dedent("""
 def test_sigkill_during_checkpoint_write_leaves_previous_loadable(tmp_path):
     overrides = TINY + ["train.epochs=3", "train.stop_at_step=2", f"logging.dir={tmp_path}/run",
                         f"checkpoint.dir={tmp_path}/ckpt"]
-    recipe = os.path.join(ROOT, "launchers", "configs", "default.yaml")
-    proc = subprocess.run([sys.executable, "-c", KILLER, recipe, *overrides], env=_env(tmp_path), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", KILLER, DEFAULT_RECIPE, *overrides], env=_env(tmp_path), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
     ckpt = tmp_path / "ckpt"
@@ -93,7 +80,7 @@ def test_sigkill_during_checkpoint_write_leaves_previous_loadable(tmp_path):
     assert (ckpt / "latest").read_text() == checkpoint.tag_for(2)
     assert checkpoint.resolve(str(ckpt), "auto") == (str(ckpt), checkpoint.tag_for(2))
 
-    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "pretrain.py"), *TINY,
+    resumed = subprocess.run([sys.executable, PRETRAIN, *TINY,
                               "train.epochs=3", "train.stop_at_step=4", f"logging.dir={tmp_path}/run",
                               f"checkpoint.dir={ckpt}"], env=_env(tmp_path), capture_output=True, text=True,
                              timeout=300)
@@ -101,3 +88,33 @@ def test_sigkill_during_checkpoint_write_leaves_previous_loadable(tmp_path):
     assert "at step 2" in resumed.stdout
     assert checkpoint.complete_tags(str(ckpt))[-1][0] == 4
     assert not (ckpt / ".partial" / checkpoint.tag_for(3)).exists()  # the next save cleared the torn one
+
+
+def test_stop_policy_reasons_on_one_process(monkeypatch):
+    from fastclr.preemption import StopPolicy
+
+    policy = StopPolicy(max_minutes=0, stop_at_step=5, world_size=1, cuda=False)
+    policy.start_clock()
+    assert policy.reason(4) is None and policy.reason(5) == "stop_at_step"
+    with policy.signals:
+        os.kill(os.getpid(), signal.SIGUSR1)  # recorded, not fatal, while inside
+        assert policy.signals.received == "SIGUSR1" and policy.reason(6) == "signal"
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the handler is gone again
+    late = StopPolicy(max_minutes=1e-6, stop_at_step=0, world_size=1, cuda=False)
+    late.start_clock()
+    time.sleep(0.01)
+    assert late.reason(1) == "deadline"
+
+
+def test_exit_code_requeues_from_rank_zero_only(tmp_path, monkeypatch):
+    from fastclr.preemption import PREEMPTED_EXIT_CODE, exit_code
+
+    log = tmp_path / "scontrol.log"
+    (tmp_path / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert exit_code(None, True) == 0 and exit_code("deadline", True) == 0 and not log.exists()
+    assert exit_code("signal", False) == PREEMPTED_EXIT_CODE and not log.exists()
+    assert exit_code("signal", True) == PREEMPTED_EXIT_CODE
+    assert log.read_text().split() == ["requeue", "77"]

@@ -1,22 +1,14 @@
 """The entry point as users run it: bad input fails fast with a message naming it; two gloo ranks train."""
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "launchers", "pretrain.py")
-
-
-def _env():
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+from tests.helpers import PRETRAIN as SCRIPT
+from tests.helpers import ROOT, deepspeed_launcher
+from tests.helpers import subprocess_env as _env
 
 
 @pytest.mark.parametrize("args, env_extra, message", [
@@ -39,7 +31,7 @@ def test_bad_input_fails_before_compute(tmp_path, args, env_extra, message):
 
 
 def test_two_gloo_ranks_with_the_deepspeed_launcher(tmp_path):
-    deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    deepspeed = deepspeed_launcher()
     args = [deepspeed, "--num_gpus", "2", "--master_port", "29577", SCRIPT, "train.epochs=2", "model.width_mult=0.125",
             "eval.probe_epochs=5", "logging.tensorboard=false", f"logging.dir={tmp_path}/run",
             f"checkpoint.dir={tmp_path}/ckpt"]

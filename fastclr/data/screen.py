@@ -174,3 +174,45 @@ def screen(buf) -> str | None:
         return verdict
     reason = decodes(buf)
     return None if reason is None else f"truncated or corrupt {fmt.upper()}: {reason}"
+
+
+class BadSamples:
+    """The bad samples a loader has met: ``screen`` each encoded sample once, remember the verdicts that failed.
+
+    ``check`` is called from the read-ahead thread and the main thread; plain dict updates keep that safe. Good
+    verdicts are not stored: the cheap check repeats in microseconds, and files that needed a decode to vouch for
+    them are remembered in ``verified`` so they are decoded once per process, not once per epoch."""
+
+    def __init__(self, source, screen_fn=screen):
+        self.source, self.screen_fn = source, screen_fn
+        self.bad: dict[int, str] = {}
+        self.verified: set[int] = set()
+        self._reported = 0
+
+    def check(self, index: int, buf) -> bool:
+        """True if the sample is good."""
+        if index in self.bad:
+            return False
+        if self.screen_fn is screen and quick_check(buf)[0] == OK:
+            return True
+        if index in self.verified:
+            return True
+        reason = self.screen_fn(buf)
+        if reason is None:
+            self.verified.add(index)
+            return True
+        self.bad[index] = reason
+        return False
+
+    def mark(self, index: int, reason: str) -> None:
+        self.bad.setdefault(index, reason)
+
+    def names(self) -> list[tuple[str, str]]:
+        """(name, reason) of every bad sample met so far, in source order."""
+        return [(self.source.sample_name(i), self.bad[i]) for i in sorted(self.bad)]
+
+    def new_since_last_call(self) -> list[tuple[str, str]]:
+        """(name, reason) of the bad samples met since the previous call (in the order found)."""
+        items = list(self.bad.items())
+        fresh, self._reported = items[self._reported:], len(items)
+        return [(self.source.sample_name(i), r) for i, r in fresh]

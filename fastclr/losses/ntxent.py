@@ -14,10 +14,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..config import LossImpl, choices
 from ..distributed import all_gather_with_grad, resolve_group
 from .tiled import anchor_columns, ntxent_tiled
 
-IMPLS = ("auto", "naive", "tiled", "triton")
+IMPLS = choices(LossImpl)
 
 # The norm clamp of F.normalize: a zero embedding becomes the zero vector (all its similarities 0) instead of NaN.
 _NORM_EPS = 1e-12

@@ -49,9 +49,8 @@ def save_backbone(model: nn.Module, path: str | os.PathLike) -> str:
     The bytes go to a temporary file in the same directory, are fsynced, and then ``os.replace`` swaps it in, so a
     crash at any moment leaves either the previous file or the complete new one, never a truncated file.
     """
-    from ..checkpoint import atomic_torch_save
+    from ..atomic import torch_save
 
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_torch_save(backbone_state_dict(model), path)
+    torch_save(backbone_state_dict(model), path)
     return path

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..config import Arch, choices
+
 NormLayer = Callable[[int], nn.Module]
 
 
@@ -138,7 +140,8 @@ _SPECS = {
     "resnet34": (BasicBlock, (3, 4, 6, 3)),
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
 }
-ARCHS = tuple(_SPECS)
+ARCHS = choices(Arch)
+assert set(_SPECS) == set(ARCHS), "every config.Arch choice needs a spec here"
 
 
 def build_backbone(arch: str, *, width_mult: float = 1.0, cifar_stem: bool = False,

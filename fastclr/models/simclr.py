@@ -20,3 +20,16 @@ class SimCLRModel(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, feature_dim)
         return self.backbone(x)
+
+
+def build_model(cfg, norm_layer=None) -> SimCLRModel:
+    """The SimCLR network of a :class:`fastclr.config.ModelConfig`; ``norm_layer(num_features)`` replaces
+    ``nn.BatchNorm2d``/``nn.BatchNorm1d`` everywhere (the cross-rank BN, for instance)."""
+    from .heads import ProjectionHead
+    from .resnet import build_backbone
+
+    backbone = build_backbone(cfg.arch, width_mult=cfg.width_mult, cifar_stem=cfg.cifar_stem, norm_layer=norm_layer,
+                              zero_init_residual=cfg.zero_init_residual)
+    head = ProjectionHead(backbone.feature_dim, cfg.proj_hidden_dim, cfg.proj_out_dim, num_layers=cfg.proj_layers,
+                          norm_layer=norm_layer or nn.BatchNorm1d)
+    return SimCLRModel(backbone, head)

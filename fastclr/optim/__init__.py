@@ -1,6 +1,7 @@
-"""Optimization: LARS, the parameter groups it runs on, and the LR schedule."""
+"""Optimization: LARS, the parameter groups it runs on, the LR schedule, and the non-finite step guard."""
 from .lars import LARS
+from .nonfinite import NonfiniteGuard
 from .param_groups import excluded_names, param_groups
-from .schedule import lr_at, scaled_lr
+from .schedule import Schedule, lr_at, peak_lr, scaled_lr
 
-__all__ = ["LARS", "excluded_names", "lr_at", "param_groups", "scaled_lr"]
+__all__ = ["LARS", "NonfiniteGuard", "Schedule", "excluded_names", "lr_at", "param_groups", "peak_lr", "scaled_lr"]

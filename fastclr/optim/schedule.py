@@ -6,9 +6,13 @@ batches: Goyal et al. 2017) and then decays it with a cosine schedule without re
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from numbers import Integral
 
-RULES = ("linear", "sqrt")
+from ..config import LrScaling, choices
+
+RULES = tuple(r for r in choices(LrScaling) if r != "none")
+"""The batch-size scaling rules; ``none`` (the config's third choice) takes the base LR as is."""
 
 
 def scaled_lr(base_lr: float, batch_size: int, rule: str) -> float:
@@ -46,3 +50,30 @@ def lr_at(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float, fin
         return peak_lr
     progress = min(step - start, span) / span  # in [0, 1]
     return final_lr + 0.5 * (peak_lr - final_lr) * (1 + math.cos(math.pi * progress))
+
+
+def peak_lr(base_lr: float, global_batch: int, rule: str) -> float:
+    """The peak LR of a run: ``scaled_lr`` for ``linear``/``sqrt``, the base LR itself for ``none``."""
+    return base_lr if rule == "none" else scaled_lr(base_lr, global_batch, rule)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A run's LR schedule: ``schedule(step)`` is :func:`lr_at` with the run's lengths and rates."""
+
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    final_lr: float
+
+    @classmethod
+    def of(cls, cfg, steps_per_epoch: int, global_batch: int) -> "Schedule":
+        """From a :class:`fastclr.config.Config`: lengths in epochs turned into steps of ``steps_per_epoch``."""
+        total = max(1, round(cfg.train.epochs * steps_per_epoch))
+        return cls(total_steps=total, warmup_steps=min(total - 1, round(cfg.optim.warmup_epochs * steps_per_epoch)),
+                   peak_lr=peak_lr(cfg.optim.base_lr, global_batch, cfg.optim.lr_scaling),
+                   final_lr=cfg.optim.final_lr)
+
+    def __call__(self, step: int) -> float:
+        return lr_at(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, peak_lr=self.peak_lr,
+                     final_lr=self.final_lr)

@@ -69,19 +69,19 @@ def sbatch_command(a, recipe: str, cpus_per_rank: int, log_dir: str) -> list[str
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from fastclr.config import ConfigError, load_config, validate_run
+    from fastclr.config import ConfigError, load_config, missing_paths, recipe_path, validate_run
+    from fastclr.optim import peak_lr
 
-    recipe = os.path.abspath(a.recipe)
     world = a.nodes * a.gpus_per_node
     try:
+        recipe = os.path.abspath(recipe_path(a.recipe))
         cfg = load_config(recipe, a.overrides)
-        plan = validate_run(cfg, world, cuda=True)
+        # The data may be mounted on the compute nodes only: missing paths are warned about below, not refused.
+        plan = validate_run(cfg, world, cuda=True, local_files=False)
     except ConfigError as e:
         print(f"submit.py: error: {e}", file=sys.stderr)
         return 2
-    from fastclr.trainer import peak_lr
-
-    lr = peak_lr(cfg, plan.global_batch)
+    lr = peak_lr(cfg.optim.base_lr, plan.global_batch, cfg.optim.lr_scaling)
     rule = {"linear": f"{cfg.optim.base_lr:g} x {plan.global_batch}/256",
             "sqrt": f"{cfg.optim.base_lr:g} x sqrt({plan.global_batch})", "none": "base LR as is"}[cfg.optim.lr_scaling]
     cpus = a.cpus_per_task or cfg.data.num_threads + 2
@@ -90,9 +90,8 @@ def main(argv=None) -> int:
     print(f"batch: global {plan.global_batch} = micro {plan.micro_batch} x accumulation {plan.accumulation} "
           f"x world {world}")
     print(f"peak LR: {lr:.4g} ({cfg.optim.lr_scaling}: {rule}); set by the global batch, not by the node count")
-    for field, path in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
-        if cfg.data.dataset in ("folder", "filelist") and path and not os.path.exists(path):
-            print(f"warning: {field} '{path}' is not visible here; it must exist on the compute nodes")
+    for field, path in missing_paths(cfg):
+        print(f"warning: {field} '{path}' is not visible here; it must exist on the compute nodes")
     cmd = sbatch_command(a, recipe, cpus, log_dir)
     print("sbatch command:\n" + shlex.join(cmd), flush=True)
     if a.dry_run:

@@ -150,7 +150,8 @@ def test_quick_check_verdicts_and_the_screen(mixed_folder):
 
 
 def test_training_over_bad_files_runs_an_epoch_and_lists_them(mixed_folder, tmp_path, capsys):
-    from tests.test_trainer import _cfg, _trainer
+    from tests.helpers import make_trainer as _trainer
+    from tests.helpers import tiny_config as _cfg
 
     root, bad_paths, _ = mixed_folder
     trainer = _trainer(_cfg(tmp_path, "data.dataset=folder", f"data.path={root}", f"data.eval_path={root}",
@@ -165,7 +166,7 @@ def test_training_over_bad_files_runs_an_epoch_and_lists_them(mixed_folder, tmp_
 
 @pytest.mark.parametrize("quick", [False, True], ids=["decode", "quick"])
 def test_data_check_lists_the_bad_files_and_writes_usable_lists(mixed_folder, tmp_path, quick):
-    from fastclr.cli import check
+    from fastclr.data.check import check
     from fastclr.data.sources import build_source, filelist_source
 
     root, bad_paths, n_good = mixed_folder

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fastclr.losses.ntxent as ntxent_module
 import fastclr.losses.tiled as tiled
 from fastclr.losses import anchor_columns, nt_xent, ntxent_naive, ntxent_tiled
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.ntxent_reference import loop_anchor_losses, loop_loss, reference, scaled_error
 
 # fp32 arithmetic against fp64 references: logits carry ~1 ulp of 1/τ each, sums over 2N terms add a few more;

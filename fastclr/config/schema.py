@@ -1,20 +1,14 @@
-"""One typed configuration tree for a pretraining run.
+"""The configuration tree of a pretraining run: typed sections, one documented field each, validated on creation.
 
-Recipes are small YAML files (``launchers/configs/*.yaml``) that override the defaults below; ``key=value`` command-line
-overrides are applied last (``optim.base_lr=0.5``, ``model.arch=resnet50``). Every section validates itself in
-``__post_init__`` and :func:`validate_run` checks what depends on the world size, so a bad config fails before any
-compute with a message naming the field. The DeepSpeed config is derived from this tree (:func:`deepspeed_config`),
-never written by hand: the global batch has exactly one source.
+Choices are ``Literal`` types defined here once; the library modules that implement them import these types, so a
+choice list has one source. Every section checks itself in ``__post_init__`` and fails with a :class:`ConfigError`
+naming the field; checks that need the world size or the machine live in :mod:`fastclr.config.run`.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
-
-import yaml
+from typing import Literal, get_args
 
 
 class ConfigError(ValueError):
@@ -24,6 +18,29 @@ class ConfigError(ValueError):
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config field '{name}': {msg}")
+
+
+def _at_least(section_obj, section: str, low: int, *names: str) -> None:
+    for name in names:
+        value = getattr(section_obj, name)
+        _check(value >= low, f"{section}.{name}", f"must be >= {low}, got {value}")
+
+
+def choices(literal) -> tuple[str, ...]:
+    """The values a ``Literal[...]`` choice type admits."""
+    return get_args(literal)
+
+
+def _check_choice(value: str, literal, name: str, what: str) -> None:
+    _check(value in choices(literal), name, f"unknown {what} '{value}'; choose one of {choices(literal)}")
+
+
+Dataset = Literal["digits", "folder", "filelist", "tar"]
+Arch = Literal["resnet18", "resnet34", "resnet50"]
+LossImpl = Literal["auto", "naive", "tiled", "triton"]
+LrScaling = Literal["linear", "sqrt", "none"]
+Dtype = Literal["bf16", "fp16", "fp32"]
+Backend = Literal["auto", "nccl", "gloo"]
 
 
 @dataclass
@@ -61,7 +78,7 @@ class AugmentConfig:
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
             v = getattr(self, name)
             _check(0.0 <= v <= 1.0, f"data.augment.{name}", f"a probability must lie in [0, 1], got {v}")
-        _check(self.jitter_strength >= 0, "data.augment.jitter_strength", f"must be >= 0, got {self.jitter_strength}")
+        _at_least(self, "data.augment", 0, "jitter_strength")
         lo, hi = self.blur_sigma
         _check(0 < lo <= hi, "data.augment.blur_sigma", f"need 0 < lo <= hi, got {self.blur_sigma}")
         _check(0 < self.blur_kernel_frac <= 1, "data.augment.blur_kernel_frac", f"must lie in (0, 1], got {self.blur_kernel_frac}")
@@ -69,12 +86,9 @@ class AugmentConfig:
         _check(all(s > 0 for s in self.std), "data.augment.std", f"must be positive, got {self.std}")
 
 
-DATASETS = ("digits", "folder", "filelist", "tar")
-
-
 @dataclass
 class DataConfig:
-    dataset: str = "digits"
+    dataset: Dataset = "digits"
     """'digits' (scikit-learn's bundled handwritten digits, no download), 'folder' (class sub-folders),
     'filelist' (a text file of 'path [label]' lines), 'tar' (webdataset-style tar shards, path or glob)."""
     path: str = ""
@@ -98,23 +112,19 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
-        _check(self.dataset in DATASETS, "data.dataset", f"unknown dataset '{self.dataset}'; choose one of {DATASETS}")
+        _check_choice(self.dataset, Dataset, "data.dataset", "dataset")
         if self.dataset != "digits":
             _check(bool(self.path), "data.path", f"dataset '{self.dataset}' needs a path")
         _check(not (self.exclude and self.dataset == "digits"), "data.exclude",
                "the embedded digits have no files to exclude")
-        _check(self.image_size >= 8, "data.image_size", f"must be >= 8, got {self.image_size}")
-        _check(self.eval_resize >= 0, "data.eval_resize", f"must be >= 0, got {self.eval_resize}")
-        _check(self.num_threads >= 1, "data.num_threads", f"must be >= 1, got {self.num_threads}")
-        _check(self.prefetch >= 1, "data.prefetch", f"must be >= 1, got {self.prefetch}")
-
-
-ARCHS = ("resnet18", "resnet34", "resnet50")
+        _at_least(self, "data", 8, "image_size")
+        _at_least(self, "data", 0, "eval_resize")
+        _at_least(self, "data", 1, "num_threads", "prefetch")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"
+    arch: Arch = "resnet18"
     """Backbone: resnet18, resnet34 or resnet50 (torchvision parameter names)."""
     width_mult: float = 1.0
     """Channel multiplier of every stage (0.25 → ResNet-18 with 16 base channels: a CPU-sized net)."""
@@ -130,21 +140,16 @@ class ModelConfig:
     """2 = SimCLR v1 head, 3 = SimCLR v2 head."""
 
     def __post_init__(self):
-        _check(self.arch in ARCHS, "model.arch", f"unknown model '{self.arch}'; choose one of {ARCHS}")
+        _check_choice(self.arch, Arch, "model.arch", "model")
         _check(self.width_mult > 0, "model.width_mult", f"must be > 0, got {self.width_mult}")
-        _check(self.proj_hidden_dim >= 1, "model.proj_hidden_dim", f"must be >= 1, got {self.proj_hidden_dim}")
-        _check(self.proj_out_dim >= 1, "model.proj_out_dim", f"must be >= 1, got {self.proj_out_dim}")
-        _check(self.proj_layers >= 1, "model.proj_layers", f"must be >= 1, got {self.proj_layers}")
-
-
-LOSS_IMPLS = ("auto", "naive", "tiled", "triton")
+        _at_least(self, "model", 1, "proj_hidden_dim", "proj_out_dim", "proj_layers")
 
 
 @dataclass
 class LossConfig:
     temperature: float = 0.1
     """NT-Xent temperature τ (SimCLR: 0.1 at batch 4096 with LARS, 0.5 for CIFAR)."""
-    impl: str = "auto"
+    impl: LossImpl = "auto"
     """'auto' (triton on CUDA, tiled on CPU), 'naive' (materializes 2N×2N), 'tiled', 'triton'."""
     global_negatives: bool = True
     """Score local anchors against the embeddings of every rank (google-research/simclr's cross-replica negatives)."""
@@ -152,14 +157,14 @@ class LossConfig:
     def __post_init__(self):
         _check(math.isfinite(self.temperature) and self.temperature > 0, "loss.temperature",
                f"must be a positive number, got {self.temperature}")
-        _check(self.impl in LOSS_IMPLS, "loss.impl", f"unknown impl '{self.impl}'; choose one of {LOSS_IMPLS}")
+        _check_choice(self.impl, LossImpl, "loss.impl", "impl")
 
 
 @dataclass
 class OptimConfig:
     base_lr: float = 0.3
     """Base LR; the peak LR is scaled by the global batch with ``lr_scaling`` (SimCLR: 0.3 linear, 0.075 sqrt)."""
-    lr_scaling: str = "linear"
+    lr_scaling: LrScaling = "linear"
     """'linear' (base·B/256), 'sqrt' (base·√B) or 'none' (base as is)."""
     weight_decay: float = 1e-6
     """Weight decay on conv/linear weights only (never BN or bias). SimCLR: 1e-6."""
@@ -173,13 +178,11 @@ class OptimConfig:
 
     def __post_init__(self):
         _check(self.base_lr > 0, "optim.base_lr", f"must be > 0, got {self.base_lr}")
-        _check(self.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling",
-               f"choose linear, sqrt or none, got '{self.lr_scaling}'")
-        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check_choice(self.lr_scaling, LrScaling, "optim.lr_scaling", "LR scaling rule")
+        _at_least(self, "optim", 0, "weight_decay")
         _check(0 <= self.momentum < 1, "optim.momentum", f"must lie in [0, 1), got {self.momentum}")
         _check(self.trust_coefficient > 0, "optim.trust_coefficient", f"must be > 0, got {self.trust_coefficient}")
-        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
-        _check(self.final_lr >= 0, "optim.final_lr", f"must be >= 0, got {self.final_lr}")
+        _at_least(self, "optim", 0, "warmup_epochs", "final_lr")
 
 
 @dataclass
@@ -202,25 +205,22 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
-        _check(self.max_minutes >= 0, "train.max_minutes", f"must be >= 0, got {self.max_minutes}")
-        _check(self.stop_at_step >= 0, "train.stop_at_step", f"must be >= 0, got {self.stop_at_step}")
-        _check(self.global_batch_size >= 2, "train.global_batch_size", f"must be >= 2, got {self.global_batch_size}")
-        _check(self.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0, got {self.micro_batch_size}")
-        _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
-        _check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",
-               f"must be >= 1, got {self.max_nonfinite_steps}")
+        _at_least(self, "train", 0, "max_minutes", "stop_at_step")
+        _at_least(self, "train", 2, "global_batch_size")
+        _at_least(self, "train", 0, "micro_batch_size")
+        _at_least(self, "train", 1, "log_every", "max_nonfinite_steps")
 
 
 @dataclass
 class PrecisionConfig:
-    dtype: str = "bf16"
+    dtype: Dtype = "bf16"
     """Autocast dtype: 'bf16' (CPU and GPU), 'fp16' (GPU only, dynamic loss scaling) or 'fp32' (autocast off).
     Parameters, BN statistics and LARS state stay fp32 in every mode."""
     channels_last: bool = True
     """NHWC activations end to end."""
 
     def __post_init__(self):
-        _check(self.dtype in ("bf16", "fp16", "fp32"), "precision.dtype", f"choose bf16, fp16 or fp32, got '{self.dtype}'")
+        _check_choice(self.dtype, Dtype, "precision.dtype", "dtype")
 
 
 @dataclass
@@ -231,14 +231,13 @@ class DistributedConfig:
     """BatchNorm statistics over all ranks (or groups of ``bn_group_size`` ranks), as SimCLR's global BN."""
     bn_group_size: int = 0
     """Ranks per BN group; 0 = all ranks."""
-    backend: str = "auto"
+    backend: Backend = "auto"
     """'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
 
     def __post_init__(self):
         _check(self.zero_stage in (0, 1, 2, 3), "distributed.zero_stage", f"must be 0–3, got {self.zero_stage}")
-        _check(self.bn_group_size >= 0, "distributed.bn_group_size", f"must be >= 0, got {self.bn_group_size}")
-        _check(self.backend in ("auto", "nccl", "gloo"), "distributed.backend",
-               f"choose auto, nccl or gloo, got '{self.backend}'")
+        _at_least(self, "distributed", 0, "bn_group_size")
+        _check_choice(self.backend, Backend, "distributed.backend", "backend")
 
 
 @dataclass
@@ -255,9 +254,8 @@ class CheckpointConfig:
     """'auto' (latest complete checkpoint in ``dir`` if any), 'none', or a checkpoint tag/path."""
 
     def __post_init__(self):
-        _check(self.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {self.every_steps}")
-        _check(self.every_epochs >= 0, "checkpoint.every_epochs", f"must be >= 0, got {self.every_epochs}")
-        _check(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
+        _at_least(self, "checkpoint", 0, "every_steps", "every_epochs")
+        _at_least(self, "checkpoint", 1, "keep")
 
 
 @dataclass
@@ -292,12 +290,11 @@ class EvalConfig:
     """Cap on images per split used for evaluation (0: all)."""
 
     def __post_init__(self):
-        _check(self.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {self.knn_k}")
+        _at_least(self, "eval", 1, "knn_k")
         _check(self.knn_temperature > 0, "eval.knn_temperature", f"must be > 0, got {self.knn_temperature}")
-        _check(self.probe_epochs >= 0, "eval.probe_epochs", f"must be >= 0, got {self.probe_epochs}")
+        _at_least(self, "eval", 0, "probe_epochs")
         _check(self.probe_lr > 0, "eval.probe_lr", f"must be > 0, got {self.probe_lr}")
-        _check(self.every_epochs >= 0, "eval.every_epochs", f"must be >= 0, got {self.every_epochs}")
-        _check(self.max_eval_images >= 0, "eval.max_eval_images", f"must be >= 0, got {self.max_eval_images}")
+        _at_least(self, "eval", 0, "every_epochs", "max_eval_images")
 
 
 @dataclass
@@ -316,157 +313,3 @@ class Config:
     """Seed of model initialisation and every random stream derived from it."""
 
 
-# --------------------------------------------------------------------------------------------------------------- #
-# Building from dicts, YAML and key=value overrides
-
-
-def _coerce(value: Any, typ: Any, name: str) -> Any:
-    """Convert a YAML/command-line value to the annotated type, or fail naming the field."""
-    origin = getattr(typ, "__origin__", None)
-    try:
-        if dataclasses.is_dataclass(typ):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config field '{name}': expected a mapping, got {value!r}")
-            return _from_dict(typ, value, name + ".")
-        if typ is bool:
-            if isinstance(value, str):
-                low = value.lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if typ is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if typ is float:
-            return float(value)
-        if typ is str:
-            return str(value)
-        if origin is tuple:
-            if isinstance(value, str):
-                value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
-            args = typ.__args__
-            if len(value) != len(args):
-                raise ValueError(value)
-            return tuple(_coerce(v, t, name) for v, t in zip(value, args))
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"config field '{name}': cannot read {value!r} as {getattr(typ, '__name__', typ)}") from None
-    return value
-
-
-def _from_dict(cls, d: dict, prefix: str = ""):
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"config field '{prefix}{unknown[0]}': unknown; valid fields here: {sorted(names)}")
-    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in d.items()})
-
-
-def to_dict(cfg) -> dict:
-    """Plain nested dict (YAML-serialisable: tuples become lists)."""
-    def plain(x):
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        return x
-    return plain(dataclasses.asdict(cfg))
-
-
-def _set_path(d: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = d
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"config field '{dotted}': '{k}' is not a section")
-    node[keys[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like section.field=value")
-    key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
-
-
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults ← YAML recipe ← ``key=value`` overrides; validated."""
-    raw: dict = {}
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file '{path}' does not exist")
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of sections")
-    for item in overrides:
-        key, value = parse_override(item)
-        _set_path(raw, key, value)
-    return _from_dict(Config, raw)
-
-
-# --------------------------------------------------------------------------------------------------------------- #
-# What depends on the world: batch arithmetic and the derived DeepSpeed config
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    global_batch: int
-    micro_batch: int
-    accumulation: int
-    world_size: int
-
-
-def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
-    """global = micro × accumulation × world; the one place this arithmetic lives."""
-    g = cfg.train.global_batch_size
-    _check(g % world_size == 0, "train.global_batch_size",
-           f"{g} is not divisible by the world size {world_size}; use a multiple of {world_size}")
-    micro = cfg.train.micro_batch_size or g // world_size
-    _check(g % (micro * world_size) == 0, "train.micro_batch_size",
-           f"global batch {g} is not divisible by micro batch {micro} × world size {world_size}")
-    return BatchPlan(g, micro, g // (micro * world_size), world_size)
-
-
-def validate_run(cfg: Config, world_size: int, cuda: bool) -> BatchPlan:
-    """Checks that need the world size and device; call before building anything."""
-    plan = batch_plan(cfg, world_size)
-    if cfg.precision.dtype == "fp16" and not cuda:
-        raise ConfigError("config field 'precision.dtype': fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU); use bf16")
-    if cfg.loss.impl == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError("config field 'loss.impl': 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1); use auto or tiled")
-    if cfg.distributed.zero_stage != 0:
-        raise ConfigError(
-            f"config field 'distributed.zero_stage': {cfg.distributed.zero_stage} is refused: ZeRO shards flattened "
-            "parameters, which breaks LARS's per-layer trust ratios; use 0")
-    gs = cfg.distributed.bn_group_size
-    if gs:
-        _check(world_size % gs == 0, "distributed.bn_group_size",
-               f"{gs} does not divide the world size {world_size}")
-    if cfg.distributed.backend == "nccl" and not cuda:
-        raise ConfigError("config field 'distributed.backend': nccl needs CUDA; use auto or gloo")
-    return plan
-
-
-def deepspeed_config(cfg: Config, plan: BatchPlan) -> dict:
-    """The DeepSpeed config derived from ours. Precision is autocast (BN stays fp32), not DeepSpeed's bf16/fp16 modes
-    that cast the whole module; fp16 loss scaling is done by the trainer's GradScaler-like logic."""
-    ds: dict = {
-        "train_batch_size": plan.global_batch,
-        "train_micro_batch_size_per_gpu": plan.micro_batch,
-        "gradient_accumulation_steps": plan.accumulation,
-        "zero_optimization": {"stage": cfg.distributed.zero_stage},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-        "gradient_clipping": 0.0,
-    }
-    if cfg.precision.dtype != "fp32":
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if cfg.precision.dtype == "bf16" else "float16"}
-    return ds

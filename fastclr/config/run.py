@@ -1,0 +1,118 @@
+"""What a config means on a given world: batch arithmetic, the checks that need the world or the machine, the derived
+DeepSpeed config. Every entry point (the trainer, ``submit.py``, ``fastclr.slurm plan``) calls :func:`validate_run`
+before it builds anything, so a bad config fails in seconds, naming the field, on the login node as on a rank.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+from .schema import Config, ConfigError, _check
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch: int
+    micro_batch: int
+    accumulation: int
+    world_size: int
+
+
+def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
+    """global = micro × accumulation × world; the one place this arithmetic lives."""
+    g = cfg.train.global_batch_size
+    _check(g % world_size == 0, "train.global_batch_size",
+           f"{g} is not divisible by the world size {world_size}; use a multiple of {world_size}")
+    micro = cfg.train.micro_batch_size or g // world_size
+    _check(g % (micro * world_size) == 0, "train.micro_batch_size",
+           f"global batch {g} is not divisible by micro batch {micro} × world size {world_size}")
+    return BatchPlan(g, micro, g // (micro * world_size), world_size)
+
+
+def missing_paths(cfg: Config) -> list[tuple[str, str]]:
+    """(field, path) of every data file or folder the config names that this machine cannot see."""
+    d, out = cfg.data, []
+    if d.dataset != "digits":
+        for name, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
+            exists = bool(glob.glob(path)) if (d.dataset == "tar" and glob.has_magic(path)) else os.path.exists(path)
+            if path and not exists:
+                out.append((name, path))
+    if d.exclude and not os.path.isfile(d.exclude):
+        out.append(("data.exclude", d.exclude))
+    return out
+
+
+def validate_run(cfg: Config, world_size: int, cuda: bool, local_files: bool = True) -> BatchPlan:
+    """Checks that need the world size, the device or the files; call before building anything.
+
+    ``local_files=False`` (a login node that does not mount the data): missing paths are left to
+    :func:`missing_paths` for a warning instead of failing here.
+    """
+    plan = batch_plan(cfg, world_size)
+    if cfg.precision.dtype == "fp16" and not cuda:
+        raise ConfigError("config field 'precision.dtype': fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU); use bf16")
+    if cfg.loss.impl == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("config field 'loss.impl': 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1); use auto or tiled")
+    if cfg.distributed.zero_stage != 0:
+        raise ConfigError(
+            f"config field 'distributed.zero_stage': {cfg.distributed.zero_stage} is refused: ZeRO shards flattened "
+            "parameters, which breaks LARS's per-layer trust ratios; use 0")
+    gs = cfg.distributed.bn_group_size
+    if gs:
+        _check(world_size % gs == 0, "distributed.bn_group_size", f"{gs} does not divide the world size {world_size}")
+    if cfg.distributed.backend == "nccl" and not cuda:
+        raise ConfigError("config field 'distributed.backend': nccl needs CUDA; use auto or gloo")
+    if cfg.data.dataset != "digits" and not cfg.data.eval_path:
+        raise ConfigError("config field 'data.eval_path': the final kNN / linear-probe evaluation needs a held-out "
+                          f"labelled split of the same kind as data.path ('{cfg.data.dataset}')")
+    if local_files:
+        for name, path in missing_paths(cfg):
+            raise FileNotFoundError(f"config field '{name}': '{path}' does not exist")
+    return plan
+
+
+def check_dataset_fits(plan: BatchPlan, batches_per_epoch: int, num_samples: int) -> int:
+    """Optimizer steps per epoch; fails naming the batch field when the dataset holds less than one step."""
+    steps = batches_per_epoch // plan.accumulation
+    _check(steps >= 1, "train.global_batch_size",
+           f"{plan.global_batch} is larger than the dataset's {num_samples} samples; lower it")
+    return steps
+
+
+def check_resume_compatible(saved: dict, cfg: Config, where: str) -> None:
+    """The checkpoint's model section must equal this run's: another architecture cannot load its tensors."""
+    from .load import to_dict
+
+    saved_model, current = saved.get("model"), to_dict(cfg)["model"]
+    if saved_model is None or saved_model == current:
+        return
+    key = sorted(k for k in current if saved_model.get(k) != current[k])[0]
+    raise ConfigError(f"config field 'model.{key}': the checkpoint in {where} was trained with {key}="
+                      f"{saved_model.get(key)!r}, this run has {current[key]!r}; use the same model settings, "
+                      "another checkpoint.dir, or checkpoint.resume=none")
+
+
+def autocast_dtype(cfg: Config):
+    """The torch dtype autocast runs in, or None for fp32 (autocast off)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision.dtype]
+
+
+def deepspeed_config(cfg: Config, plan: BatchPlan) -> dict:
+    """The DeepSpeed config derived from ours. Precision is autocast (BN stays fp32), not DeepSpeed's bf16/fp16 modes
+    that cast the whole module. The trainer marks the accumulation boundary itself
+    (``engine.set_gradient_accumulation_boundary``), so one optimizer step is one ``engine.step()`` call."""
+    ds: dict = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation,
+        "zero_optimization": {"stage": cfg.distributed.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "gradient_clipping": 0.0,
+    }
+    if cfg.precision.dtype != "fp32":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if cfg.precision.dtype == "bf16" else "float16"}
+    return ds

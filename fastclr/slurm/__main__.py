@@ -1,0 +1,119 @@
+"""``python -m fastclr.slurm plan|exec``: the two steps of a Slurm launch (see the package docstring)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import tempfile
+from typing import Sequence
+
+from .launch import DEFAULT_MODE, DEFAULT_RECIPE, MODES, PRETRAIN_SCRIPT, describe, launch_command, task_command, trainer_args
+from .world import SlurmError, SlurmWorld, hostfile_text
+
+
+def _check_recipe(recipe: str, overrides: Sequence[str], world: SlurmWorld) -> str:
+    """Fail in the batch shell, naming the field, rather than in every rank after the allocation started."""
+    from ..config import load_config, missing_paths, validate_run
+
+    cfg = load_config(recipe, overrides)
+    # cuda=True: the compute nodes have GPUs even when this shell cannot see them; the GPU-only checks then pass and
+    # the trainer repeats them with the real device. Likewise data mounted on the compute nodes only: a warning here,
+    # the ranks' own check fails before any compute if a path is really missing.
+    plan = validate_run(cfg, world.world_size, cuda=True, local_files=False)
+    warnings = "".join(f"warning: {name} '{path}' is not visible on this node\n" for name, path in missing_paths(cfg))
+    return (f"{warnings}batch: global {plan.global_batch} = micro {plan.micro_batch} x accumulation "
+            f"{plan.accumulation} x world {plan.world_size}")
+
+
+def _plan_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastclr.slurm plan",
+                                description="Resolve the Slurm world, print it, and start the ranks with srun.")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the command, start nothing")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe name or YAML file (default: %(default)s)")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="launch mode (default: %(default)s)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="override the GPUs per node read from SLURM_GPUS_* (on CPU nodes: ranks per node)")
+    p.add_argument("--master-port", type=int, default=None, help="override the port derived from SLURM_JOB_ID")
+    p.add_argument("--script", default=PRETRAIN_SCRIPT, help="training entry point (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", help="section.field=value, passed to the trainer")
+    a = p.parse_intermixed_args(argv)
+    world = SlurmWorld.from_env(gpus_per_node=a.gpus_per_node, master_port=a.master_port)
+    batch = _check_recipe(a.recipe, a.overrides, world)
+    cmd = launch_command(world, a.recipe, a.overrides, a.mode, a.script)
+    print(describe(world, a.mode, cmd, trainer_args(a.recipe, a.overrides, a.script)))
+    print(batch, flush=True)
+    if a.dry_run:
+        print("dry run: nothing started", flush=True)
+        return 0
+    try:
+        os.execvp(cmd[0], cmd)  # srun becomes the batch shell's child: signals and exit status pass straight through
+    except OSError as e:
+        raise SlurmError(f"cannot start '{cmd[0]}': {e}; is Slurm's srun on PATH?") from None
+
+
+def _exec_main(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    if "--" not in argv:
+        raise SlurmError("exec needs '--' before the training command")
+    cut = argv.index("--")
+    own, command = argv[:cut], argv[cut + 1:]
+    p = argparse.ArgumentParser(prog="python -m fastclr.slurm exec",
+                                description="Inside one srun task: set the rank environment and exec the trainer.")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
+    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--master-port", type=int, default=None)
+    a = p.parse_args(own)
+    if not command:
+        raise SlurmError("exec: no training command after '--'")
+    world = SlurmWorld.from_env(gpus_per_node=a.gpus_per_node, master_port=a.master_port)
+    slurmd_node = os.environ.get("SLURMD_NODENAME")
+    if slurmd_node and slurmd_node != world.node:
+        # MASTER_ADDR and the hostfile assume SLURM_NODEID indexes the expanded node list; if it does not, rank 0
+        # would not be where the others look for it and the rendezvous would hang instead of failing.
+        raise SlurmError(f"this task runs on {slurmd_node} (SLURMD_NODENAME) but SLURM_NODEID={world.node_rank} "
+                         f"is {world.node} in the node list")
+    hostfile = None
+    if a.mode == "deepspeed":
+        # One launcher task per node, and a name fixed by the job id: a requeued start overwrites, never piles up.
+        hostfile = os.path.join(tempfile.gettempdir(), f"fastclr-{world.job_id}.hostfile")
+        with open(hostfile + ".part", "w") as f:
+            f.write(hostfile_text(world))
+        os.replace(hostfile + ".part", hostfile)
+    cmd, extra = task_command(world, a.mode, command, hostfile)
+    env = dict(os.environ)
+    for key, value in extra.items():
+        if key == "OMP_NUM_THREADS" and key in env:
+            continue  # the user's explicit setting wins
+        env[key] = value
+    # Until the trainer installs its SIGUSR1 handler (imports, model build) an early signal is dropped instead of
+    # killing the rank; in mode deepspeed the ignored disposition also keeps both DeepSpeed launchers alive. A
+    # disposition of "ignore" is inherited through fork and exec; an installed handler replaces it.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    sys.stdout.flush()
+    try:
+        os.execvpe(cmd[0], cmd, env)
+    except OSError as e:
+        raise SlurmError(f"cannot start '{cmd[0]}': {e}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"plan": _plan_main, "exec": _exec_main}
+    if not argv or argv[0] not in commands:
+        print(__doc__.split("\n\n")[0], file=sys.stderr)
+        print(f"fastclr.slurm: error: choose a command: {', '.join(commands)}", file=sys.stderr)
+        return 2
+    from ..config import ConfigError
+
+    try:
+        return commands[argv[0]](argv[1:])
+    except (SlurmError, ConfigError) as e:
+        print(f"fastclr.slurm: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Commands: the ``srun`` line of the batch script, what each task replaces itself with, the requeue call, and
+the human-readable plan."""
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import replace
+from typing import Callable, Mapping, Sequence
+
+from .world import SlurmError, SlurmWorld, hostfile_text
+
+log = logging.getLogger(__name__)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PRETRAIN_SCRIPT = os.path.join(ROOT, "launchers", "pretrain.py")
+DEFAULT_RECIPE = os.path.join(ROOT, "launchers", "configs", "default.yaml")
+MODES = ("rank", "deepspeed")
+DEFAULT_MODE = "rank"
+
+
+# --------------------------------------------------------------------------------------------------------------- #
+# Commands
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise SlurmError(f"mode '{mode}' is unknown; choose one of {MODES}")
+
+
+def trainer_args(recipe: str | None = None, overrides: Sequence[str] = (), script: str = PRETRAIN_SCRIPT) -> list[str]:
+    """What follows ``python`` (or DeepSpeed's launcher) on every rank."""
+    return [script] + (["--config", recipe] if recipe else []) + list(overrides)
+
+
+def launch_command(world: SlurmWorld, recipe: str | None = None, overrides: Sequence[str] = (),
+                   mode: str = DEFAULT_MODE, script: str = PRETRAIN_SCRIPT, python: str = sys.executable) -> list[str]:
+    """The ``srun`` command the batch script runs: one task per rank (mode rank) or per node (mode deepspeed)."""
+    _check_mode(mode)
+    per_node = world.gpus_per_node if mode == "rank" else 1
+    cpus = world.cpus_per_task if mode == "rank" else (
+        world.cpus_per_task * (world.tasks_per_node or 1) if world.cpus_per_task else None)
+    cmd = ["srun", f"--nodes={world.num_nodes}", f"--ntasks={world.num_nodes * per_node}",
+           f"--ntasks-per-node={per_node}",
+           # block: task i·G+j on node i, the layout `plan` prints and `exec` checks.
+           "--distribution=block",
+           # A rank exits 3 after its checkpoint; killing its peers then could cut their part of the write short,
+           # and srun would report the kill instead of the 3. A crashed rank still ends the step: its peers fail
+           # their next collective.
+           "--kill-on-bad-exit=0"]
+    if cpus:
+        # srun no longer inherits the job's --cpus-per-task (Slurm >= 22.05): say it again for the step.
+        cmd.append(f"--cpus-per-task={cpus}")
+    cmd += [python, "-u", "-m", "fastclr.slurm", "exec", "--mode", mode, "--gpus-per-node", str(world.gpus_per_node),
+            "--master-port", str(world.master_port), "--"]
+    return cmd + trainer_args(recipe, overrides, script)
+
+
+def rank_env(world: SlurmWorld) -> dict[str, str]:
+    """Variables one task of mode rank needs, mirroring what DeepSpeed's launch.py sets for its children."""
+    if world.procid is None or world.localid is None:
+        raise SlurmError("SLURM_PROCID and SLURM_LOCALID must be set in every task (mode rank runs under srun)")
+    if world.ntasks is not None and world.ntasks != world.world_size:
+        raise SlurmError(f"SLURM_NTASKS={world.ntasks} but {world.num_nodes} node(s) × {world.gpus_per_node} GPUs "
+                         f"= {world.world_size} ranks; start the step with --ntasks-per-node={world.gpus_per_node}")
+    if world.procid not in world.ranks_on(world.node_rank) or world.localid != world.procid % world.gpus_per_node:
+        raise SlurmError(f"task SLURM_PROCID={world.procid} SLURM_LOCALID={world.localid} on node {world.node_rank} "
+                         f"breaks the block layout (node {world.node_rank} holds ranks "
+                         f"{world.ranks_on(world.node_rank).start}-{world.ranks_on(world.node_rank).stop - 1}); "
+                         "start the step with --distribution=block")
+    return {"RANK": str(world.procid), "LOCAL_RANK": str(world.localid), "WORLD_SIZE": str(world.world_size),
+            "MASTER_ADDR": world.master_addr, "MASTER_PORT": str(world.master_port),
+            "LOCAL_SIZE": str(world.gpus_per_node), "LOCAL_WORLD_SIZE": str(world.gpus_per_node),
+            "CROSS_RANK": str(world.node_rank), "CROSS_SIZE": str(world.num_nodes)}
+
+
+def deepspeed_command(world: SlurmWorld, hostfile: str, args: Sequence[str], python: str = sys.executable) -> list[str]:
+    """DeepSpeed's launcher for this node: no ssh, this node's rank, the shared master, the hostfile's nodes."""
+    return [python, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", hostfile, "--no_ssh",
+            f"--node_rank={world.node_rank}", f"--master_addr={world.master_addr}",
+            f"--master_port={world.master_port}", f"--num_nodes={world.num_nodes}",
+            f"--num_gpus={world.gpus_per_node}", *args]
+
+
+def task_command(world: SlurmWorld, mode: str, args: Sequence[str], hostfile: str | None = None,
+                 python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment additions) that one srun task replaces itself with."""
+    _check_mode(mode)
+    env: dict[str, str] = {}
+    cpus = world.cpus_per_rank(mode)
+    # One BLAS/OpenMP thread per CPU Slurm gave the rank; unknown → 1, as torchrun does, rather than every core of
+    # the node for each of G ranks.
+    env["OMP_NUM_THREADS"] = str(cpus or 1)
+    if mode == "rank":
+        return [python, "-u", *args], {**env, **rank_env(world)}
+    if hostfile is None:
+        raise SlurmError("mode deepspeed needs the path of the hostfile written on this node")
+    return deepspeed_command(world, hostfile, args, python), env
+
+
+def requeue(env: Mapping[str, str] = os.environ,
+            runner: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> bool:
+    """Put this job back in the queue (``scontrol requeue $SLURM_JOB_ID``); True if Slurm accepted. Never raises.
+
+    Requeueing a running job makes Slurm end it at once (SIGTERM to every step, SIGKILL after KillWait) before it
+    goes back to pending, so call this from one rank only (rank 0), after the checkpoint is complete on every rank,
+    right before exiting with :data:`PREEMPTED_EXIT_CODE`. The next start resumes from that checkpoint.
+    """
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        log.info("not requeueing: SLURM_JOB_ID is not set (not running under Slurm)")
+        return False
+    cmd = ["scontrol", "requeue", job]
+    try:
+        result = runner(cmd, capture_output=True, text=True, timeout=60)
+    except Exception as e:  # a missing scontrol or a hung controller must not stop the trainer from exiting
+        log.warning("requeue of job %s failed: %s: %s", job, type(e).__name__, e)
+        return False
+    if result.returncode != 0:
+        log.warning("requeue of job %s failed (scontrol exit %s): %s", job, result.returncode,
+                    (result.stderr or result.stdout or "").strip())
+        return False
+    log.info("job %s requeued", job)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------- #
+# Command line
+
+
+def _fmt(cmd: Sequence[str]) -> str:
+    return shlex.join(cmd)
+
+
+def describe(world: SlurmWorld, mode: str, cmd: Sequence[str], args: Sequence[str]) -> str:
+    """The human-readable plan: world, hostfile, rank layout, master, and every command that will run."""
+    lines = [f"fastclr.slurm: job {world.job_id} (restart {world.restart_count}), mode {mode}: "
+             + ("one Slurm task per rank" if mode == "rank" else "one DeepSpeed launcher per node"),
+             f"world: {world.num_nodes} node(s) x {world.gpus_per_node} GPU(s) = {world.world_size} rank(s)",
+             f"master: {world.master_addr}:{world.master_port}",
+             "hostfile:", *hostfile_text(world).splitlines(), "ranks:"]
+    for i, host in enumerate(world.nodes):
+        r = world.ranks_on(i)
+        here = "   <- this node" if i == world.node_rank else ""
+        lines.append(f"  node {i} {host}: ranks {r.start}-{r.stop - 1}{here}")
+    lines += ["command:", _fmt(cmd)]
+    if mode == "rank":
+        lines.append("each task runs: RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID "
+                     f"WORLD_SIZE={world.world_size} MASTER_ADDR={world.master_addr} "
+                     f"MASTER_PORT={world.master_port} {_fmt([sys.executable, '-u', *args])}")
+    else:
+        for i, host in enumerate(world.nodes):
+            lines.append(f"node {i} {host} runs: "
+                         + _fmt(deepspeed_command(replace(world, node_rank=i), "<node-local hostfile>", args)))
+    return "\n".join(lines)
+
