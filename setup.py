@@ -35,6 +35,7 @@ setup(
         "tensorboard>=2.14",
         "matplotlib>=3.7",
         "pillow>=10.0",
+        "safetensors>=0.4",  # exported weights that load without unpickling
     ],
     entry_points={"console_scripts": ["fastclr = fastclr.cli:main"]},
     extras_require={

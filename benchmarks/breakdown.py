@@ -51,8 +51,11 @@ def launch(ranks: int, overrides: list[str], run_dir: str, timeout: int = 900) -
 
 def run(rec: Recorder, *, quick: bool = False, smoke: bool = False, ranks: int = 2,
         extra: list[str] | None = None) -> dict:
-    """Records one row per phase (ms per step, median over the logged intervals after the first); returns
-    {'phases': {phase: ms}, 'step_ms': total, 'overrides': [...], 'ranks': ranks}."""
+    """Two runs side by side: the gradient all-reduce after backward (the reference breakdown; 'comm' is the whole
+    all-reduce) and overlapped with backward (fastclr's default; 'comm' is what backward did not hide). Records one
+    row per phase of each (ms per step, median over the logged intervals after the first); returns the reference's
+    {'phases': {phase: ms}, 'step_ms', 'overrides', 'ranks', 'cfg'} with the overlapped run's phases under
+    'overlap_phases'."""
     import torch
 
     if torch.cuda.is_available():
@@ -60,6 +63,12 @@ def run(rec: Recorder, *, quick: bool = False, smoke: bool = False, ranks: int =
     s = settings(quick, smoke)
     overrides = [*s["overrides"], f"train.stop_at_step={s['steps']}", f"train.log_every={s['log_every']}",
                  "train.epochs=100", *(extra or [])]
+    reference = _one(rec, ranks, overrides + ["distributed.overlap_comm=false"], f"breakdown {ranks} ranks")
+    overlapped = _one(rec, ranks, overrides + ["distributed.overlap_comm=true"], f"breakdown {ranks} ranks overlapped")
+    return {**reference, "overlap_phases": overlapped["phases"]}
+
+
+def _one(rec: Recorder, ranks: int, overrides: list[str], group: str) -> dict:
     run_dir = tempfile.mkdtemp(prefix="fastclr-breakdown-")
     proc = launch(ranks, overrides, run_dir)
     if proc.returncode != 0:
@@ -73,7 +82,6 @@ def run(rec: Recorder, *, quick: bool = False, smoke: bool = False, ranks: int =
     cfg = load_config(os.path.join(ROOT, "launchers", "configs", "default.yaml"), overrides)
     shape = (f"{cfg.model.arch} width {cfg.model.width_mult:g}, {cfg.data.image_size}px, global batch "
              f"{cfg.train.global_batch_size} on {ranks} ranks, {cfg.data.dataset}")
-    group = f"breakdown {ranks} ranks"
     phases = {}
     for phase in PHASES:
         values = [r[f"t_{phase}_ms"] for r in train]
@@ -92,13 +100,17 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 1.9))
-    left = 0.0
-    for phase in PHASES:
-        ms = result["phases"][phase]
-        ax.barh([0], [ms], left=left, label=f"{phase} {ms:.0f}")
-        left += ms
-    ax.set_yticks([])
+    fig, ax = plt.subplots(figsize=(6.5, 2.3))
+    bars = [("after backward", result["phases"])] + (
+        [("overlapped", result["overlap_phases"])] if result.get("overlap_phases") else [])
+    colors = dict(zip(PHASES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for y, (_, phases) in enumerate(bars):
+        left = 0.0
+        for phase in PHASES:
+            ms = phases[phase]
+            ax.barh([y], [ms], left=left, color=colors[phase], label=f"{phase} {ms:.0f}" if y == 0 else None)
+            left += ms
+    ax.set_yticks(range(len(bars)), [name for name, _ in bars], fontsize=8)
     ax.set_xlabel("ms per step")
     ax.set_title(f"step breakdown, {result['ranks']} ranks (trainer timers)", fontsize=9)
     ax.legend(ncol=3, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45))

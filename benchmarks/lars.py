@@ -92,8 +92,15 @@ class _Bench:
 
         self.plain = PlainLARS(self.params, lr=4.8, momentum=0.9, weight_decay=1e-6, eta=1e-3)
         self.fresh = [torch.randn_like(p).mul_(1e-2) for p in self.params]
+        # The gradients in flat buckets, as the trainer's overlapped all-reduce keeps them (one rank: no collective):
+        # LARS's non-finite guard then sanitizes a few tensors, not one per parameter.
+        from fastclr.allreduce import GradientBuckets
+
+        buckets = GradientBuckets(model.parameters(), world_size=1)
+        buckets.prepare()
+        self.opt.grad_buffers = buckets.flat
         for p, g in zip(self.params, self.fresh):
-            p.grad = g.clone()
+            p.grad.copy_(g)
         self.grads = [p.grad for p in self.params]
         self.device = device
 

@@ -11,7 +11,7 @@ README_BEGIN = "<!-- performance:begin (written by python -m benchmarks --readme
 README_END = "<!-- performance:end -->"
 GPU_COMMAND = ("bash launchers/install.sh --bench && .venv/bin/python -m benchmarks --quick --readme"
                "   # on a CUDA machine: the CUDA build of torch and DALI are picked by nvidia-smi")
-HIGHER_IS_BETTER = ("images/s", "TFLOP/s", "GFLOP/s", "efficiency")
+HIGHER_IS_BETTER = ("images/s", "TFLOP/s", "GFLOP/s", "efficiency", "% kNN top-1")
 
 
 def _fmt(x: float) -> str:
@@ -50,6 +50,20 @@ def acceptance(rows: list[dict]) -> list[tuple[str, float | None, str, bool | No
     f, b = med("step resnet18 32px b256", "fastclr"), med("step resnet18 32px b256", "plain-pytorch")
     checks.append(("train step ResNet-18 32px b256: fastclr / plain PyTorch images/s", f / b if f and b else None,
                    ">= 1.3", (f / b >= 1.3) if f and b else None))
+    c, e = med("compile resnet18 32px", "compiled"), med("compile resnet18 32px", "eager")
+    checks.append(("train step ResNet-18 32px: torch.compile / eager images/s", c / e if c and e else None, ">= 1.05",
+                   (c / e >= 1.05) if c and e else None))
+    ex = [med(f"breakdown {g}", "comm", "breakdown") for g in ("2 ranks overlapped", "2 ranks")]
+    if all(ex):
+        checks.append(("2-rank exposed gradient communication: overlapped / after backward ms", ex[0] / ex[1], "< 1.0",
+                       ex[0] < ex[1]))
+    ft, pt = med("tta cifar10", "fastclr"), med("tta cifar10", "plain-pytorch")
+    if ft and pt:
+        checks.append(("CIFAR-10 kNN top-1 at equal wall time: fastclr − plain PyTorch (points)", ft - pt, "> 0",
+                       ft > pt))
+        tf, tp = med("time to ", "fastclr", "tta"), med("time to ", "plain-pytorch", "tta")
+        checks.append(("time to the baseline's final kNN accuracy: fastclr / plain PyTorch",
+                       tf / tp if tf and tp else None, "<= 0.5", (tf / tp <= 0.5) if tf and tp else False))
     mt = med("lars step resnet50", "multi-tensor")
     for loop in ("per-parameter loop", "same-kernel loop"):
         lp = med("lars step resnet50", loop)
@@ -208,11 +222,15 @@ def update_readme(rows, sp, checks, mode: str, readme: str = os.path.join(ROOT, 
         body += ["", "One technique at a time on the plain step (ablation):", "",
                  "| workload | technique | images/s over plain |", "|---|---|---|"]
         body += [f"| {s['group']} | {s['variant']} | {s['speedup']:.2f}× |" for s in abl]
-    bd = {r["variant"]: r["median"] for r in rows if r["benchmark"] == "breakdown" and r["unit"] == "ms/step"}
-    if bd:
-        shape = next(r["shape"] for r in rows if r["benchmark"] == "breakdown")
-        body += ["", f"Step breakdown from the trainer's timers ({shape}), ms per step: "
-                 + ", ".join(f"{k} {v:.1f}" for k, v in bd.items()) + "."]
+    for overlapped in (False, True):
+        bd = {r["variant"]: r["median"] for r in rows if r["benchmark"] == "breakdown" and r["unit"] == "ms/step"
+              and r["group"].endswith("overlapped") == overlapped}
+        if bd:
+            shape = next(r["shape"] for r in rows if r["benchmark"] == "breakdown")
+            what = ("the gradient all-reduce overlapped with backward (the default; comm = the part left exposed)"
+                    if overlapped else "the all-reduce after backward (comm = the whole all-reduce)")
+            body += ["", f"Step breakdown from the trainer's timers ({shape}), {what}, ms per step: "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in bd.items()) + "."]
     chk = [r for r in rows if r["group"].startswith("scaling check")]
     if len(chk) == 2:
         body += ["", f"Scaling model check on the same 2 ranks: gradient all-reduce predicted {chk[1]['median']:.1f} ms "
@@ -229,7 +247,13 @@ def update_readme(rows, sp, checks, mode: str, readme: str = os.path.join(ROOT, 
     if unmet:
         body += ["", "Not met in this run: " + "; ".join(f"{c[0]} = {c[1]:.2f} (bar {c[2]})" for c in unmet) + "."]
     body += ["", "Reproduce on a CUDA machine (the full report with plots lands in `benchmarks/results/<time>/`):", "",
-             "```bash", GPU_COMMAND, "```", "", README_END]
+             "```bash", GPU_COMMAND, "```", "",
+             "The GPU acceptance run — the CUDA-only tests (Triton NT-Xent against fp64 at 2N up to 65,536 in "
+             "fp32/bf16/fp16, DALI's GPU pipeline with bad files, fp16 loss scaling, 30 steady steps under "
+             "`torch.cuda.set_sync_debug_mode(\"error\")`, the compiled step), then this suite on the GPU, with one "
+             "summary table — is one command on a machine with a CUDA GPU (budget: 8 minutes with the install):", "",
+             "```bash", "bash benchmarks/gpu_acceptance.sh            # results in benchmarks/results/gpu-acceptance-<time>/",
+             "```", "", README_END]
     start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
     with open(readme, "w") as f:
         f.write(text[:start] + "\n".join(body) + text[end:])

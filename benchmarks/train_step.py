@@ -133,10 +133,22 @@ def run(rec: Recorder, *, quick: bool = False, smoke: bool = False, flops: dict 
         trainer = fastclr_trainer(cfg)
         fa = view_a.to(trainer.batch_dtype).contiguous(memory_format=torch.channels_last)
         fb = view_b.to(trainer.batch_dtype).contiguous(memory_format=torch.channels_last)
-        record("fastclr", "fastclr", time_calls(lambda: trainer.train_step([(fa, fb)]), repeats=repeats, device=device),
-               "bfloat16")
+        eager = time_calls(lambda: trainer.train_step([(fa, fb)]), repeats=repeats, device=device)
+        record("fastclr", "fastclr", eager, "bfloat16")
         trainer.close()
         del trainer
+        if "18" in w["arch"] and not smoke:  # compiling costs about a minute here; tests/test_compile covers it
+            # torch.compile of the same step (model.compile=true; the default on CUDA only): two warm-up calls hold
+            # the compilation, then the same repeats. Recorded beside the eager times of this same run.
+            trainer = fastclr_trainer(config_for(w, os.path.join(tmp, key.replace(" ", "_") + "_compiled"),
+                                                 "model.compile=true"))
+            compiled = time_calls(lambda: trainer.train_step([(fa, fb)]), repeats=repeats, warmup=2, device=device)
+            trainer.close()
+            del trainer
+            for variant, role, times in (("eager", "baseline", eager), ("compiled", "fastclr", compiled)):
+                rows.append(rec.add(benchmark="train_step", group=f"compile {w['name']} b{b}", variant=variant,
+                                    role=role, shape=shape, dtype="bfloat16", unit="images/s",
+                                    values=[b / t for t in times]))
 
     if e2e:
         rows.extend(_end_to_end(rec, workloads(quick, smoke, cuda)[0], tmp, device, threads,

@@ -1,6 +1,8 @@
 """The ``fastclr`` command (also ``python -m fastclr``).
 
     fastclr pretrain [--config RECIPE] [section.field=value ...]   # SimCLR pretraining (fastclr pretrain --help)
+    fastclr eval | linear | finetune | export SOURCE [...]         # a checkpoint or backbone after pretraining
+    fastclr distill TEACHER [...]                                  # SimCLR v2's third step
     fastclr data check PATH                                        # find images training cannot use
 """
 from __future__ import annotations
@@ -21,10 +23,18 @@ def main(argv: list[str] | None = None) -> int:
         from .pretrain import main as pretrain
 
         return pretrain(argv[1:])
+    from .tasks import COMMANDS
+
+    if argv and argv[0] in COMMANDS:  # each parses its own arguments (fastclr <command> --help)
+        import importlib
+
+        return importlib.import_module(f"fastclr.tasks.{argv[0]}").main(argv[1:])
     parser = argparse.ArgumentParser(prog="fastclr", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{pretrain,data}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(["pretrain", *COMMANDS, "data"]) + "}")
     sub.add_parser("pretrain", help="SimCLR pretraining (fastclr pretrain --help lists its options and recipes)")
+    for name, what in COMMANDS.items():
+        sub.add_parser(name, help=f"{what} (fastclr {name} --help)".replace("%", "%%"))
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     from .data import check
 

@@ -163,8 +163,16 @@ class LogWindow:
         self.steps += 1
 
     def pop(self, step: int, images_per_step: int) -> tuple[float, float]:
-        """(mean loss, images/s) over the window, then a new window from ``step``. The one host sync of a log."""
-        mean = (self.loss_sum / max(self.steps, 1)).item()
+        """(mean loss over the window and over every rank, images/s), then a new window from ``step``. Collective
+        (every rank logs at the same steps); the host sync of a log step."""
+        import torch.distributed as dist
+
+        total = self.loss_sum
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            total = total.clone()
+            dist.all_reduce(total)
+            total /= dist.get_world_size()
+        mean = (total / max(self.steps, 1)).item()
         ips = (step - self.first_step) * images_per_step / max(time.monotonic() - self.t0, 1e-9)
         self.reset(step)
         return mean, ips

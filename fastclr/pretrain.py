@@ -7,7 +7,8 @@
 
 A recipe is a shipped recipe's name or a YAML file (the ``config.yaml`` a run writes is one). Exit status: 0 done,
 2 a bad config or missing file (before any compute), 3 stopped by SIGUSR1/SIGTERM with a checkpoint written
-(requeued under Slurm; the next start resumes).
+(requeued under Slurm; the next start resumes), 4 a peer rank died or hung (distributed.timeout), 5 a checkpoint could
+not be written (a full disk); after 4 and 5 the newest complete checkpoint is intact and the next start resumes from it.
 """
 from __future__ import annotations
 
@@ -24,16 +25,20 @@ def run(cfg) -> tuple[dict, int]:
     from .preemption import exit_code
     from .trainer import Trainer
 
+    runtime.check_gpu_usable()
     _, world_size, _ = runtime.world_from_env()
     plan = validate_run(cfg, world_size, torch.cuda.is_available())
-    rt = runtime.setup(cfg.distributed.backend)
+    rt = runtime.setup(cfg.distributed.backend, cfg.distributed.timeout)
     logs.setup(rt.rank)
-    trainer = Trainer(cfg, rt, plan)
     try:
-        results = trainer.train()
+        trainer = Trainer(cfg, rt, plan)
+        try:
+            results = trainer.train()
+        finally:
+            trainer.close()
+        return results, exit_code(results["stop_reason"], rt.is_main)
     finally:
-        trainer.close()
-    return results, exit_code(results["stop_reason"], rt.is_main)
+        runtime.teardown()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .config import ConfigError, describe, load_config
+    from .runtime import DeviceError, RunFailure
 
     if args.fields:
         print("\n".join(describe()))
@@ -65,9 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         return run(cfg)[1]
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, DeviceError) as e:
         print(f"fastclr: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RunFailure as e:  # a dead or hung peer rank, a checkpoint that could not be written
+        print(f"fastclr: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ class BadSampleReport:
         log.warning(f"rank {self.rank}: {len(everything)} bad image(s) skipped so far{more}, listed in {self.path}")
 
 
+def describe_run(cfg, plan, device: str, total_steps: int, steps_per_epoch: int, peak_lr: float) -> str:
+    """The run's first line: network, data, world, batch arithmetic, length, LR, loss."""
+    return (f"{cfg.model.arch} x{cfg.model.width_mult:g} on {cfg.data.dataset}, {plan.world_size} rank(s) on {device}, "
+            f"global batch {plan.global_batch} = {plan.micro_batch} x {plan.accumulation} x {plan.world_size}, "
+            f"{total_steps} steps ({steps_per_epoch}/epoch), peak LR {peak_lr:.3g}, loss impl {cfg.loss.impl}")
+
+
 def result_line(results: dict) -> str:
     """``RESULT kNN top-1 …% (random init …%) | linear probe top-1 …% (random init …%)``."""
     line = f"RESULT kNN top-1 {results['knn_top1']:.1f}%"

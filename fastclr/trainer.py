@@ -2,9 +2,10 @@
 
 One step (``train_step``): for each accumulation micro-batch, two views of B images → one forward over the 2B batch
 (BN statistics over both views, as in the reference implementation) → NT-Xent against every rank's embeddings →
-backward; then the gradient all-reduce, the non-finite decision and LARS with the LR a pure function of the step.
-Precision is autocast (bf16, or fp16 with loss scaling on GPU); parameters, BN statistics and LARS state are fp32.
-Activations are channels_last from the data pipeline on.
+backward, whose last one all-reduces the gradients as they come; then LARS (the LR a pure function of the step),
+which skips a non-finite step on the device. No host sync anywhere in it (tests/test_host_syncs.py). Precision is
+autocast (bf16, or fp16 with loss scaling on GPU); parameters, BN statistics and LARS state are fp32; activations
+are channels_last from the data pipeline on.
 
 The loop (``train``): resume → steps, with logging, checkpoints, evaluation and the all-rank stop decision at their
 cadences → final checkpoint → evaluation. Everything else lives in the module named for it: checkpoint (run state,
@@ -18,14 +19,17 @@ import time
 
 import torch
 
-from . import checkpoint, losses
+from . import checkpoint
 from .checkpoint import RunState
-from .config import BatchPlan, Config, autocast_dtype, check_dataset_fits, deepspeed_config, save_config
+from .config import BatchPlan, Config, autocast_dtype, check_dataset_fits, save_config
+from .budget import Planner, plan_length
+from .engine import build_engine
 from .eval import evaluate_run
 from .metrics import LogWindow, MetricsLogger, PhaseTimer, Progress
-from .optim import LARS, NonfiniteGuard, Schedule, param_groups
+from .objective import Objective
+from .optim import Schedule, SkippedSteps
 from .preemption import StopPolicy
-from .report import BadSampleReport, plot_run, summarize
+from .report import BadSampleReport, describe_run, plot_run, summarize
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -33,10 +37,7 @@ log = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, cfg: Config, rt: Runtime, plan: BatchPlan):
-        import deepspeed
-
         from .data import build_train_loader
-        from .models import build_model
 
         self.cfg, self.rt, self.plan = cfg, rt, plan
         self.batch_dtype = autocast_dtype(cfg) or torch.float32
@@ -47,46 +48,25 @@ class Trainer:
         self.steps_per_epoch = check_dataset_fits(plan, len(self.loader), self.loader.num_samples)
         self.schedule = Schedule.of(cfg, self.steps_per_epoch, plan.global_batch)
 
-        model = build_model(cfg.model, norm_layer=self.norm_layer())
-        lars = LARS(param_groups(model, cfg.optim.weight_decay), lr=self.schedule.peak_lr,
-                    momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient)
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=lars,
-                                                                 config=deepspeed_config(cfg, plan))
+        self.engine, self.optimizer, self.grads = build_engine(cfg, rt, plan, self.schedule.peak_lr)
         self.model = self.engine.module
-        # The gradient all-reduce is called by train_step (not inside backward) so that it can be timed on its own.
-        self.engine.enable_backward_allreduce = False
-        if cfg.precision.channels_last:
-            # After initialize: DeepSpeed broadcasts rank 0's parameters as byte views, which needs contiguous
-            # tensors. ``.to(memory_format=...)`` swaps each parameter's data in place, so the optimizer and engine
-            # keep valid references.
-            self.model.to(memory_format=torch.channels_last)
-        self.loss_group = "world" if (cfg.loss.global_negatives and rt.world_size > 1) else None
+        self.objective = Objective(cfg, self.engine, rt.world_size, autocast_dtype(cfg))  # the loss of a micro-batch
 
         self.state = RunState()
-        self.guard = NonfiniteGuard(cfg.train.max_nonfinite_steps, cfg.checkpoint.dir)
+        self.skips = SkippedSteps(rt.device, cfg.train.max_nonfinite_steps, cfg.checkpoint.dir)
         self.timer = PhaseTimer(cfg.logging.timers, rt.device)
         self.window = LogWindow(rt.device)
         self.metrics = MetricsLogger(cfg.logging.dir, enabled=rt.is_main, tensorboard=cfg.logging.tensorboard)
         self.progress = Progress(self.schedule.total_steps, enabled=rt.is_main and cfg.logging.progress)
-        self.stop = StopPolicy(max_minutes=cfg.train.max_minutes, stop_at_step=cfg.train.stop_at_step,
-                               world_size=rt.world_size, cuda=rt.cuda)
+        self.stop = StopPolicy.of(cfg, rt, save=lambda: self.save(periodic=True))  # + checkpoint.every_minutes
         self.report_bad = BadSampleReport(self.loader.bad, cfg.logging.dir, rt.rank)
-        self._batches = None  # the loader's iterator over the current epoch
-        self._saved_at = -1   # step of the newest checkpoint this process wrote or resumed from
+        self._batches, self._saved_at = None, -1  # the epoch's iterator; step of the newest checkpoint written/read
+        budget = cfg.train.time_budget_minutes
+        self.planner = Planner(budget, self.schedule.warmup_steps) if budget else None
 
     step = property(lambda self: self.state.step, doc="Optimizer steps taken.")
     epoch = property(lambda self: self.state.step // self.steps_per_epoch, doc="Epochs completed.")
     total_steps = property(lambda self: self.schedule.total_steps, doc="Steps of the whole schedule.")
-
-    def norm_layer(self):
-        """BN over all ranks (or groups of ``bn_group_size``); None (ATen's batch norm) for the statistics of one."""
-        size = self.cfg.distributed.bn_group_size or self.rt.world_size
-        if not self.cfg.distributed.global_bn or size == 1:
-            return None
-        from .distributed import global_bn_layer
-
-        return global_bn_layer(size)
 
     # ------------------------------------------------------------------------------------------------------------ #
     def next_micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -104,39 +84,32 @@ class Trainer:
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One optimizer step over its micro-batches; returns the step's mean loss (a device tensor: no host sync)."""
-        timer, cfg = self.timer, self.cfg
+        timer = self.timer
         lr = self.schedule(self.state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
+        self.grads.prepare()
         for i, (view_a, view_b) in enumerate(micro_batches):
-            self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-            with timer.phase("forward"):
-                z = self.engine(torch.cat([view_a, view_b]))  # (2B, d); channels_last kept by cat; engine autocasts
-            with timer.phase("loss"):
-                z_a, z_b = z.chunk(2)
-                loss = losses.nt_xent(z_a, z_b, temperature=cfg.loss.temperature, impl=cfg.loss.impl,
-                                      group=self.loss_group)
+            last = i == len(micro_batches) - 1
+            self.engine.set_gradient_accumulation_boundary(last)
+            if last:
+                self.grads.arm()  # its backward all-reduces each gradient bucket as soon as it is complete
+            loss = self.objective(view_a, view_b, timer)  # forward and loss phases
             with timer.phase("backward"):
                 self.engine.backward(loss)  # scaled by 1/accumulation: the step's gradient is the micro-batch mean
             loss_sum = loss_sum + loss.detach()
-        if timer.enabled and self.rt.world_size > 1:
+        if timer.enabled and self.rt.world_size > 1 and not self.grads.overlap:
             # Timers only: a barrier first, so that waiting for the slowest rank (imbalance, stragglers) is billed to
             # 'wait' and 'comm' holds the all-reduce alone.
             with timer.phase("wait"):
                 torch.distributed.barrier()
         with timer.phase("comm"):
-            self.engine.allreduce_gradients()
+            self.grads.finish()  # with overlap: only what backward did not hide
         with timer.phase("optimizer"):
-            scaler = self.engine.torch_autocast_z0_gradscaler
-            if scaler is None:
-                self.state.nonfinite_steps += self.guard.skip(list(self.model.parameters()), self.state.step,
-                                                              self.state.nonfinite_steps)
-                self.engine.step()
-            else:  # fp16: the scaler skips overflowing steps and halves its scale; count them from the scale
-                scale = scaler.get_scale()
-                self.engine.step()
-                self.state.nonfinite_steps += int(scaler.get_scale() < scale)
+            self.engine.step()  # LARS skips a non-finite step on the device (fp16: through the loss scaler)
+            self.skips.update(self.optimizer.step_ok)
+            self.objective.end_step(self.state.step, self.total_steps)
         self.state.step += 1
         return loss_sum / len(micro_batches)
 
@@ -144,17 +117,18 @@ class Trainer:
     def train(self) -> dict:
         """Train to the end (or to a stop request), checkpoint, evaluate. The result has ``stop_reason``: None for a
         finished run, else 'signal' (preempted: checkpoint written, no evaluation), 'deadline' or 'stop_at_step'."""
-        cfg, rt, plan = self.cfg, self.rt, self.plan
+        cfg, rt = self.cfg, self.rt
         self.resume()
         start_step, t_start = self.state.step, time.monotonic()
+        self.t_start, self.eval_s = t_start, 0.0
         if rt.is_main:
             save_config(cfg, os.path.join(cfg.logging.dir, "config.yaml"), "The resolved config of this run: a recipe "
                         "(fastclr pretrain --config <this file>).")
-            log.info(f"{cfg.model.arch} x{cfg.model.width_mult:g} on {cfg.data.dataset}, {rt.world_size} rank(s) on "
-                     f"{rt.device.type}, global batch {plan.global_batch} = {plan.micro_batch} x {plan.accumulation} x "
-                     f"{rt.world_size}, {self.total_steps} steps ({self.steps_per_epoch}/epoch), peak LR "
-                     f"{self.schedule.peak_lr:.3g}, loss impl {cfg.loss.impl}")
+            log.info(describe_run(cfg, self.plan, rt.device.type, self.total_steps, self.steps_per_epoch,
+                                  self.schedule.peak_lr))
         self.stop.start_clock()
+        if self.planner is not None and self.state.total_steps == 0:
+            self.planner.start(t_start)
         self.progress.start(start_step)
         self.window.reset(start_step)
         reason = None
@@ -183,24 +157,33 @@ class Trainer:
             postfix = self.log_train()
             self.report_bad()
         self.progress.update(1, postfix)
-        # No checkpoint in the middle of a non-finite streak: the batch that overflowed also went through BN's
-        # running statistics; the previous checkpoint stays the newest until a good step follows.
-        calm = self.guard.in_row == 0
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and calm:
-            self.save()
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            self.save(periodic=True)
+        if self.planner is not None:
+            plan_length(self)  # a time budget: decide the length in the warm-up, re-plan at epoch boundaries
         if last:
             return None
         if step % self.steps_per_epoch == 0:
             epoch = step // self.steps_per_epoch
-            if cfg.checkpoint.every_epochs and epoch % cfg.checkpoint.every_epochs == 0 and calm:
-                self.save()
+            if cfg.checkpoint.every_epochs and epoch % cfg.checkpoint.every_epochs == 0:
+                self.save(periodic=True)
             if cfg.eval.every_epochs and epoch % cfg.eval.every_epochs == 0:
                 self.evaluate(with_baseline=False, probe=False)
         return self.stop.reason(step)
 
+    def set_length(self, total: int, bend_step: int = 0, bend_progress: float = 0.0) -> None:
+        """The run's length chosen by a time budget (``fastclr.budget``); from ``bend_step`` on, the rest of the cosine
+        fitted into it (Schedule.rescaled). Kept in the run state: a restart continues with the same schedule."""
+        s = self.schedule
+        self.schedule = type(s)(total, s.warmup_steps, s.peak_lr, s.final_lr, bend_step, bend_progress)
+        self.state.total_steps, self.state.bend_step, self.state.bend_progress = total, bend_step, bend_progress
+        self.progress.total = total
+        self.cfg.train.epochs, self.cfg.train.time_budget_minutes = total / self.steps_per_epoch, 0.0
+
     def log_train(self) -> str:
         step, window_steps = self.state.step, self.state.step - self.window.first_step
-        loss, ips = self.window.pop(step, self.plan.global_batch)  # host sync: only at log steps
+        loss, ips = self.window.pop(step, self.plan.global_batch)  # host syncs: only at log steps
+        self.state.nonfinite_steps = self.skips.check(step)[0]
         lr = self.schedule(step - 1)
         scaler = self.engine.torch_autocast_z0_gradscaler
         extra = {"loss_scale": scaler.get_scale()} if scaler is not None else {}
@@ -213,19 +196,29 @@ class Trainer:
         return f"loss {loss:.4f} lr {lr:.3g} {ips:.0f} img/s"
 
     def evaluate(self, with_baseline: bool, probe: bool = True) -> dict:
+        """Evaluation, logged with the training seconds it follows (wall time less all evaluations)."""
+        t0 = time.monotonic()
         results = evaluate_run(self.cfg, self.model, self.rt, with_baseline=with_baseline, probe=probe)
-        self.metrics.log("eval", self.state.step, {"epoch": self.state.step // self.steps_per_epoch, **results})
+        train_s, self.eval_s = t0 - self.t_start - self.eval_s, self.eval_s + time.monotonic() - t0
+        self.metrics.log("eval", self.state.step, {"epoch": self.epoch, "train_s": train_s,
+                                                   "eval_s": time.monotonic() - t0, **results})
         return results
 
     # ------------------------------------------------------------------------------------------------------------ #
-    def save(self) -> None:
-        if self._saved_at == self.state.step:
-            return  # this step's checkpoint exists already
+    def save(self, periodic: bool = False, force: bool = False) -> None:
+        """A checkpoint of this step (once, unless ``force``). ``periodic``: not in the middle of a non-finite streak,
+        whose batches also went through BN's statistics; the previous checkpoint stays newest until a good step."""
+        if self._saved_at == self.state.step and not force:
+            return
+        self.state.nonfinite_steps, streak = self.skips.check(self.state.step)
+        if periodic and streak:
+            return
         rank_state = {"loader": self.loader.state_dict(), "rng": checkpoint.rng_state()}
         checkpoint.save(self.engine, self.cfg.checkpoint.dir, self.state.step,
                         self.state.to_client(self.cfg, self.rt.world_size, self.steps_per_epoch), rank_state,
                         self.rt.rank, self.cfg.checkpoint.keep)
         self._saved_at = self.state.step
+        self.stop.checkpointed()
 
     def resume(self) -> bool:
         """Continue from ``checkpoint.resume``'s choice; False when there is nothing to resume."""
@@ -233,6 +226,12 @@ class Trainer:
         if state is None:
             return False
         self.state, self._saved_at = state, state.step
+        self.skips.reset(state.nonfinite_steps)
+        if state.total_steps:  # a length chosen for a time budget: the same schedule as before the restart
+            self.set_length(state.total_steps, state.bend_step, state.bend_progress)
+        keys_per_step = 2 * self.plan.global_batch if self.objective.group else 2 * self.plan.micro_batch * \
+            self.plan.accumulation
+        self.objective.resume(state.step, keys_per_step)
         return True
 
     def finish(self, results: dict, elapsed: float, steps: int, stop: str | None) -> None:

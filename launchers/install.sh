@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates ./.venv and installs fastclr for this machine.
 #   bash launchers/install.sh           # what pretraining needs
-#   bash launchers/install.sh --test    # that, plus the test runner (and Kornia, which the benchmark tests run)
+#   bash launchers/install.sh --test    # that, plus the test runner (and Kornia, which the benchmark tests run), and
+#                                       # as root on Debian/Ubuntu Slurm + munge for the real-cluster tests
 #   bash launchers/install.sh --bench   # that, plus Kornia for the data benchmark's baseline
 # Device selection: automatic (an NVIDIA driver answering `nvidia-smi` → CUDA builds), or forced with
 # FASTCLR_DEVICE=cpu | cuda12 | cuda13.
@@ -29,6 +30,20 @@ $PY - <<'PYEOF' 2>/dev/null || need+=("python3-dev")
 import os, sys, sysconfig
 sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)
 PYEOF
+# --test: Debian's Slurm (slurm-wlm 22.05) and munge, for the test suite's real two-node cluster on this machine
+# (launchers/slurm/local_cluster.sh). Without root they are only suggested: those tests then skip, saying why.
+slurm=()
+if [[ ",$extras," == *,test,* ]]; then
+  command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 || slurm+=("slurm-wlm")
+  command -v munged >/dev/null 2>&1 || slurm+=("munge")
+  if [ ${#slurm[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      need+=("${slurm[@]}")
+    else
+      echo "install.sh: the real-Slurm tests will be skipped; as root, apt-get install ${slurm[*]} runs them" >&2
+    fi
+  fi
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "install.sh: installing ${need[*]} with apt-get"
@@ -61,3 +76,10 @@ case "$device" in
 esac
 python -m pip install -q -e ".[${device}${extras}]"
 python -c "import torch, fastclr; print('install.sh: fastclr', fastclr.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
+# A GPU the installed torch cannot use would train on the CPU at a fraction of the speed: stop here, naming it.
+if [ "$device" != cpu ] && ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "install.sh: error: nvidia-smi sees a GPU (driver CUDA ${major:-?}) but the installed torch cannot use it:" \
+       "its CUDA runtime is newer than the driver. Set TORCH_SPEC to a torch built for this driver" \
+       "(e.g. TORCH_SPEC=torch==2.7.1 for CUDA 12.6) and run again, or FASTCLR_DEVICE=cpu for the CPU." >&2
+  exit 1
+fi

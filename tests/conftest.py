@@ -11,3 +11,4 @@ def shared_data():
     if not os.path.isdir(SHARED_DATA):
         pytest.skip(f"real test data not found at {SHARED_DATA} (it lies beside the project on CI, not in a clone)")
     return SHARED_DATA
+

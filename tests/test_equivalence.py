@@ -21,7 +21,7 @@ def _views():
             for _ in range(STEPS)]
 
 
-def _train_fixed(rank, world, global_bn, views, out_dir, base_lr=None):
+def _train_fixed(rank, world, global_bn, views, out_dir, base_lr=None, extra=()):
     from fastclr.config import load_config
     from tests.helpers import make_trainer
 
@@ -29,13 +29,13 @@ def _train_fixed(rank, world, global_bn, views, out_dir, base_lr=None):
         "model.width_mult=0.125", "model.proj_hidden_dim=32", "model.proj_out_dim=16", "data.image_size=16",
         f"train.global_batch_size={GLOBAL_BATCH}", f"distributed.global_bn={global_bn}", "precision.dtype=fp32",
         "optim.warmup_epochs=0", f"optim.base_lr={base_lr or BASE_LR}", "logging.progress=false", "logging.tensorboard=false",
-        f"logging.dir={out_dir}/{world}-{rank}", f"checkpoint.dir={out_dir}/{world}-{rank}/ckpt"])
+        f"logging.dir={out_dir}/{world}-{rank}", f"checkpoint.dir={out_dir}/{world}-{rank}/ckpt", *extra])
     trainer = make_trainer(cfg, world)
     first_grads = {}
 
     def record(opt, args, kwargs):  # the all-reduced gradients the first LARS step sees
         if not first_grads:
-            first_grads.update({k: p.grad.clone() for k, p in trainer.model.named_parameters()})
+            first_grads.update({k: p.grad.clone() for k, p in trainer.model.named_parameters() if p.grad is not None})
 
     trainer.optimizer.register_step_pre_hook(record)
     n = GLOBAL_BATCH // world
@@ -50,18 +50,18 @@ def _train_fixed(rank, world, global_bn, views, out_dir, base_lr=None):
             "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}}
 
 
-def _train_same_bn_arithmetic(rank, world, global_bn, views, out_dir, base_lr=None):
+def _train_same_bn_arithmetic(rank, world, global_bn, views, out_dir, base_lr=None, extra=()):
     """The one-process run with the global-BN layer (a group of one) instead of ATen's batch norm, so that both sides
     compute BN statistics the same way and only the data-parallel decomposition differs."""
     from fastclr.distributed import global_bn_layer
-    from fastclr.trainer import Trainer
+    import fastclr.engine
 
-    Trainer.norm_layer = lambda self: global_bn_layer(self.rt.world_size)
-    return _train_fixed(rank, world, global_bn, views, out_dir, base_lr)
+    fastclr.engine.norm_layer = lambda cfg, world: global_bn_layer(world)
+    return _train_fixed(rank, world, global_bn, views, out_dir, base_lr, extra)
 
 
-def _run(world, global_bn, tmp_path, base_lr=None, fn=_train_fixed):
-    return run_ranks(fn, world, global_bn, _views(), str(tmp_path), base_lr)[0]
+def _run(world, global_bn, tmp_path, base_lr=None, fn=_train_fixed, extra=()):
+    return run_ranks(fn, world, global_bn, _views(), str(tmp_path), base_lr, tuple(extra))[0]
 
 
 def _rel(a, b):
@@ -112,3 +112,17 @@ def test_k_ranks_equal_one_process_with_the_same_bn_arithmetic(world, tmp_path):
         if p.is_floating_point():
             assert _rel(many["params"][k], p) < 1e-5, k
     assert one["losses"][0] != one["losses"][-1]
+
+
+def test_two_ranks_with_the_memory_queue_equal_one_process(tmp_path):
+    """SimCLR v2's memory on 2 ranks: the gathered keys make the queue identical on every rank and equal to the one
+    process's, so losses, parameters, the momentum encoder and the queue agree within the test above's 1e-5."""
+    memory = ("model.momentum=0.9", "loss.memory_size=40")  # 64 keys a step: the queue wraps at the second push
+    one = _run(1, True, tmp_path / "one", fn=_train_same_bn_arithmetic, extra=memory)
+    many = _run(2, True, tmp_path / "many", extra=memory)
+    torch.testing.assert_close(torch.tensor(many["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
+    for k, p in one["params"].items():
+        if p.is_floating_point():
+            assert _rel(many["params"][k], p) < 1e-5, k
+    assert any(k.startswith("memory.network.") for k in one["params"]) and "memory.queue" in one["params"]
+    assert one["params"]["memory.queue"].abs().sum() > 0  # the queue was used

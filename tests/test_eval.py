@@ -37,3 +37,29 @@ def test_knn_and_probe_separate_clusters_and_fail_on_noise():
     assert linear_probe(x[:300], y[:300], x[300:], y[300:], epochs=30).test_top1 > 95
     noise = torch.randn(400, 32, generator=g)  # no signal: chance level (25%), not high
     assert knn_accuracy(noise[:300], y[:300], noise[300:], y[300:], k=20) < 50
+
+
+def _evaluate(rank, world, run_dir):
+    from fastclr import runtime
+    from fastclr.eval import evaluate_run
+    from fastclr.models import build_model
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config(run_dir, "eval.probe_epochs=5", "eval.max_eval_images=301")  # 301: shards of unequal size
+    torch.manual_seed(1)
+    model = build_model(cfg.model).to(memory_format=torch.channels_last)
+    rt = runtime.Runtime(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+    return evaluate_run(cfg, model, rt, with_baseline=True, probe=True)
+
+
+def test_two_ranks_evaluate_what_one_rank_does(tmp_path):
+    """Every rank extracts its shard, the shards are gathered back in order, every rank reports the same figures,
+    and they are the one-process figures."""
+    from tests.multiproc import run_ranks
+
+    one = run_ranks(_evaluate, 1, str(tmp_path))[0]
+    two = run_ranks(_evaluate, 2, str(tmp_path))
+    assert two[0] == two[1]
+    assert set(one) == {"knn_top1", "probe_top1", "baseline_knn_top1", "baseline_probe_top1"}
+    for key, value in one.items():
+        assert abs(two[0][key] - value) < 1e-9, (key, value, two[0][key])

@@ -44,7 +44,7 @@ def test_sigusr1_checkpoints_requeues_and_resumes(tmp_path):
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     tags = checkpoint.complete_tags(str(tmp_path / "ckpt"))
     assert tags and tags[-1][0] == steps[-1] >= 2  # the checkpoint is the last step taken
-    assert log.read_text().split() == ["requeue", "4242"]
+    assert log.read_text().split() == ["requeue", "Incomplete", "4242"]
 
     again = subprocess.run(args[:2] + TINY + ["train.epochs=50", f"train.stop_at_step={steps[-1] + 2}",
                            f"logging.dir={tmp_path}/run", f"checkpoint.dir={tmp_path}/ckpt"],
@@ -91,15 +91,23 @@ def test_sigkill_during_checkpoint_write_leaves_previous_loadable(tmp_path):
 
 
 def test_stop_policy_reasons_on_one_process(monkeypatch):
-    from fastclr.preemption import StopPolicy
+    from fastclr.preemption import StopPolicy, StopSignals
 
     policy = StopPolicy(max_minutes=0, stop_at_step=5, world_size=1, cuda=False)
     policy.start_clock()
     assert policy.reason(4) is None and policy.reason(5) == "stop_at_step"
-    with policy.signals:
-        os.kill(os.getpid(), signal.SIGUSR1)  # recorded, not fatal, while inside
-        assert policy.signals.received == "SIGUSR1" and policy.reason(6) == "signal"
-    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the handler is gone again
+    with StopSignals():
+        pass
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # no signal: the handler is gone again
+    try:
+        with policy.signals:
+            os.kill(os.getpid(), signal.SIGUSR1)  # recorded, not fatal, while inside
+            assert policy.signals.received == "SIGUSR1" and policy.reason(6) == "signal"
+        os.kill(os.getpid(), signal.SIGTERM)  # stopping on a signal: a second one (Slurm's requeue) cannot end us
+        assert signal.getsignal(signal.SIGTERM) == policy.signals._handle
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     late = StopPolicy(max_minutes=1e-6, stop_at_step=0, world_size=1, cuda=False)
     late.start_clock()
     time.sleep(0.01)
@@ -117,4 +125,25 @@ def test_exit_code_requeues_from_rank_zero_only(tmp_path, monkeypatch):
     assert exit_code(None, True) == 0 and exit_code("deadline", True) == 0 and not log.exists()
     assert exit_code("signal", False) == PREEMPTED_EXIT_CODE and not log.exists()
     assert exit_code("signal", True) == PREEMPTED_EXIT_CODE
-    assert log.read_text().split() == ["requeue", "77"]
+    assert log.read_text().split() == ["requeue", "Incomplete", "77"]
+
+
+def test_every_minutes_saves_when_the_time_since_the_last_checkpoint_is_up():
+    from fastclr.preemption import StopPolicy
+
+    saves = []
+    policy = StopPolicy(max_minutes=0, stop_at_step=0, world_size=1, cuda=False, every_minutes=0.1 / 60,
+                        save=lambda: (saves.append(len(saves)), policy.checkpointed()))
+    policy.start_clock()
+    assert policy.reason(1) is None and saves == []  # 0.1 s not yet over
+    time.sleep(0.12)
+    assert policy.reason(2) is None and saves == [0]  # due: saved, and the clock starts again
+    assert policy.reason(3) is None and saves == [0]
+    time.sleep(0.06)
+    policy.checkpointed()  # a checkpoint at another cadence (every_steps, epoch end) counts too
+    time.sleep(0.06)
+    assert policy.reason(4) is None and saves == [0]
+    off = StopPolicy(max_minutes=0, stop_at_step=0, world_size=1, cuda=False, every_minutes=0, save=saves.append)
+    off.start_clock()
+    time.sleep(0.01)
+    assert off.reason(1) is None and saves == [0]

@@ -1,5 +1,6 @@
 """The entry point as users run it: bad input fails fast with a message naming it; two gloo ranks train."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -40,3 +41,26 @@ def test_two_gloo_ranks_with_the_deepspeed_launcher(tmp_path):
     assert "2 rank(s)" in proc.stdout and "RESULT kNN top-1" in proc.stdout
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert rows[-1]["kind"] == "eval" and rows[-2]["step"] == 10
+
+
+def test_a_gpu_this_torch_cannot_use_stops_the_run(tmp_path):
+    """nvidia-smi answers with a GPU but torch has no CUDA (a CPU build, or a driver older than its runtime): the
+    run stops naming the mismatch instead of training on the CPU; FASTCLR_DEVICE=cpu is the explicit way round."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H200, 550.54.15'\n")
+    smi.chmod(0o755)
+    env = {**_env(), "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, SCRIPT, "--fields"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0  # --fields computes nothing
+    proc = subprocess.run([sys.executable, SCRIPT, f"logging.dir={tmp_path}/run"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "nvidia-smi sees 1 GPU(s) (NVIDIA H200, 550.54.15)" in proc.stderr
+    assert "FASTCLR_DEVICE=cpu" in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_gloo_is_refused_for_gpu_ranks():
+    from fastclr.config import ConfigError, load_config, validate_run
+
+    with pytest.raises(ConfigError, match="'distributed.backend': gloo cannot carry the CUDA tensors"):
+        validate_run(load_config(None, ["distributed.backend=gloo"]), 1, cuda=True)
+    validate_run(load_config(None, ["distributed.backend=gloo"]), 1, cuda=None)  # a login node: the ranks decide

@@ -1,6 +1,9 @@
-"""Slurm launch without Slurm: fake srun/sbatch/scontrol executables (written into tmp_path, first on PATH) log their
-argv; the fake srun also starts the tasks the way slurmstepd would, so the whole chain batch script → plan → srun →
-exec → trainer is exercised with a probe script standing in for the trainer."""
+"""Slurm launch where a real cluster cannot go: fake srun/sbatch/scontrol executables (written into tmp_path, first
+on PATH) log their argv; the fake srun starts the tasks the way slurmstepd would, with a probe script standing in for
+the trainer. They cover layouts and inputs the two-node local cluster cannot have — 8 nodes × 8 GPUs, 2 × 4 GPU ranks,
+malformed node lists, GPU gres arithmetic, DeepSpeed's launcher per node, a batch shell that gets the warning itself
+(``B:``), the batch script's exit-status decisions — and the pure functions. The real chain, on a real cluster, with
+the real trainer, is tests/test_slurm_cluster.py."""
 import importlib.util
 import json
 import os
@@ -13,7 +16,7 @@ import time
 import pytest
 
 from fastclr.slurm import (SlurmError, SlurmWorld, default_master_port, expand_nodelist, hostfile_text,
-                           launch_command, parse_gpu_count, rank_env, requeue, task_command)
+                           launch_command, node_address, parse_gpu_count, rank_env, requeue, task_command)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH = os.path.join(ROOT, "launchers", "slurm", "pretrain.sbatch")
@@ -41,6 +44,12 @@ while i < len(argv) and argv[i].startswith("--"):
     opts[key] = value
     i += 1
 command = argv[i:]
+if os.environ.get("FAKE_SRUN_RC"):
+    # A step that ends at once with this status; FAKE_SRUN_CKPT: a checkpoint completed during it.
+    if os.environ.get("FAKE_SRUN_CKPT"):
+        os.makedirs(os.environ["FAKE_SRUN_CKPT"] + "/step000000005")
+        open(os.environ["FAKE_SRUN_CKPT"] + "/step000000005/COMPLETE", "w").write("{}")
+    sys.exit(int(os.environ["FAKE_SRUN_RC"]))
 if os.environ.get("FAKE_SRUN_HOLD"):
     # A long step: note the signals srun gets from the batch shell; USR1 ends it like a preempted trainer would.
     def note(sig, frame):
@@ -69,17 +78,24 @@ sys.exit(max(p.wait() for p in procs))
 """
 
 FAKE_SBATCH = FAKE_LOGGER + 'print("Submitted batch job 4243")\n'
-FAKE_SCONTROL = FAKE_LOGGER + 'sys.exit(int(os.environ.get("FAKE_SCONTROL_RC", "0")))\n'
+FAKE_SCONTROL = FAKE_LOGGER + """
+if sys.argv[1:3] == ["show", "node"]:
+    print("NodeName=%s Arch=x86_64 NodeAddr=%s NodeHostName=%s" % (sys.argv[-1], os.environ.get("FAKE_NODE_ADDR",
+          sys.argv[-1]), sys.argv[-1]))
+sys.exit(int(os.environ.get("FAKE_SCONTROL_RC", "0")))
+"""
 
 # Stands in for launchers/pretrain.py: records what a rank sees; optionally waits for SIGUSR1 like the trainer.
 PROBE = """import json, os, signal, sys, time
 record = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                                          "OMP_NUM_THREADS", "LOCAL_SIZE", "CROSS_RANK")}
-record.update(pid=os.getpid(), argv=sys.argv[1:], usr1_ignored=signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN)
+record.update(pid=os.getpid(), argv=sys.argv[1:],
+              usr1_blocked=signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, []))
 out = os.path.join(os.environ["PROBE_DIR"], "rank-%s" % os.environ["RANK"])
 if os.environ.get("PROBE_WAIT_USR1"):
     got = []
     signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})  # as the trainer does with its handler in place
     open(out + ".ready", "w").close()
     deadline = time.time() + 30
     while not got and time.time() < deadline:
@@ -297,7 +313,9 @@ def test_plan_dry_run_prints_hostfile_ranks_master_and_command(fake):
     assert f"master: gpu07:{default_master_port(JOB)}" in out
     assert "srun --nodes=2 --ntasks=8 --ntasks-per-node=4" in out and "train.epochs=3" in out
     assert "batch: global 256 = micro 32 x accumulation 1 x world 8" in out
-    assert fake.calls() == []  # nothing started
+    assert "--wait=600 " in out and "--master-addr gpu07 " in out  # distributed.timeout's default
+    # gpu07 does not resolve here: plan asked Slurm for its NodeAddr; nothing was started
+    assert fake.calls() == [{"prog": "scontrol", "argv": ["show", "node", "-o", "gpu07"]}]
 
 
 def test_plan_refuses_a_recipe_that_does_not_fit_the_world(fake):
@@ -339,7 +357,7 @@ def test_sbatch_dry_run(fake):
     assert "".join(f"gpu0{i} slots=8\n" for i in range(1, 9)) in r.stdout
     assert "node 1 gpu02: ranks 8-15   <- this node" in r.stdout and "node 7 gpu08: ranks 56-63" in r.stdout
     assert "batch: global 4096 = micro 64 x accumulation 1 x world 64" in r.stdout
-    assert "dry run: nothing started" in r.stdout and fake.calls() == []
+    assert "dry run: nothing started" in r.stdout and all(c["argv"][:2] == ["show", "node"] for c in fake.calls())
 
 
 @pytest.mark.parametrize("probe_exit, script_exit", [(0, 0), (3, 0), (1, 1)])
@@ -359,27 +377,10 @@ def test_sbatch_runs_every_rank_through_srun(fake, probe_exit, script_exit):
         assert seen["CROSS_RANK"] == str(rank // 4)
         assert seen["argv"][:2] == ["--config", os.path.join(ROOT, "launchers", "configs", "default.yaml")]
         assert seen["argv"][2:] == ["train.epochs=2"]
-        assert seen["usr1_ignored"]  # until the trainer installs its handler, an early USR1 cannot kill the rank
+        assert seen["usr1_blocked"]  # until the trainer's handler is in place an early USR1 waits, neither kills nor
+        # is lost (Slurm sends its time-limit warning once)
     # exec, not a child: the process srun started is the trainer itself, so Slurm's signals land on it.
     assert sorted(s["pid"] for s in ranks.values()) == sorted(srun[1]["task_pids"])
-
-
-def test_usr1_from_slurm_reaches_every_rank_and_ends_the_job_cleanly(fake):
-    """slurmstepd signals each task of the step; the ranks stop with exit 3 and the batch script exits 0."""
-    env = {**fake.env, "PROBE_WAIT_USR1": "1", "PROBE_EXIT": "3"}
-    p = subprocess.Popen(["bash", SBATCH, "--script", fake.probe], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-    probe = fake.tmp / "probe"
-    deadline = time.time() + 30
-    while len(list(probe.glob("rank-*.ready"))) < 8 and time.time() < deadline and p.poll() is None:
-        time.sleep(0.05)
-    pids = [c for c in fake.calls() if "task_pids" in c][0]["task_pids"]
-    for pid in pids:
-        os.kill(pid, signal.SIGUSR1)
-    out = p.communicate(timeout=30)[0]
-    assert p.returncode == 0, out
-    assert "exit 3" in out
-    assert all(seen["got_usr1"] for seen in fake.ranks().values()) and len(fake.ranks()) == 8
 
 
 def _start_holding_batch_shell(fake, **extra):
@@ -402,24 +403,44 @@ def test_batch_shell_forwards_usr1_to_srun_for_the_b_variant(fake):
     assert {"prog": "srun", "signal": "SIGUSR1"} in fake.calls()
 
 
-def test_batch_shell_outlives_sigterm_until_the_ranks_exit(fake):
-    p, release = _start_holding_batch_shell(fake, FAKE_SRUN_EXIT="3")
-    p.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    assert p.poll() is None  # still waiting for the step: dying now would let Slurm kill the ranks mid-checkpoint
-    release.touch()
-    out = p.communicate(timeout=30)[0]
-    assert p.returncode == 0 and "got SIGTERM" in out and "exit 3" in out, out
-    assert not any(c.get("signal") for c in fake.calls())  # Slurm signals the steps itself; no second TERM
+@pytest.mark.parametrize("step_rc, progress, requeued, script_rc", [
+    (137, True, True, 0),    # a rank was killed after this start completed a checkpoint: another start resumes
+    (4, True, True, 0),      # a rank lost its peers (collective timeout)
+    (137, False, False, 137),  # no checkpoint since the start: requeueing would repeat the same failure
+    (5, True, False, 5),     # the trainer's own report (a checkpoint it could not write): the operator's turn
+    (1, True, False, 1),     # an exception in the trainer
+    (2, True, False, 2),     # a bad config
+])
+def test_after_a_failed_start_the_batch_script_requeues_only_with_progress(fake, step_rc, progress, requeued,
+                                                                            script_rc):
+    ckpt = fake.tmp / "ckpt"
+    env = {**fake.env, "FAKE_SRUN_RC": str(step_rc), **({"FAKE_SRUN_CKPT": str(ckpt)} if progress else {})}
+    r = _run(["bash", SBATCH, "--script", fake.probe, f"checkpoint.dir={ckpt}"], env)
+    assert r.returncode == script_rc, r.stdout + r.stderr
+    requeues = [c["argv"] for c in fake.calls() if c["prog"] == "scontrol" and c["argv"][0] == "requeue"]
+    assert requeues == ([["requeue", "Incomplete", str(JOB)]] if requeued else [])
+    if requeued:
+        assert "checkpoint step000000005 was completed in this start; requeueing" in r.stdout
 
 
-def test_batch_shell_reports_the_steps_status_after_a_signal(fake):
-    p, release = _start_holding_batch_shell(fake, FAKE_SRUN_EXIT="7")
-    p.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    release.touch()
-    out = p.communicate(timeout=30)[0]
-    assert p.returncode == 7, out
+def test_launch_command_bounds_the_wait_for_a_hung_rank_and_fixes_the_master():
+    world = SlurmWorld.from_env(ENV_2x4, master_addr="10.1.2.3")
+    cmd = launch_command(world, "r.yaml", [], "rank", wait_s=14.2)
+    assert "--wait=15" in cmd and cmd[cmd.index("--master-addr") + 1] == "10.1.2.3"
+    assert rank_env(SlurmWorld.from_env({**ENV_2x4, "SLURM_PROCID": "4", "SLURM_LOCALID": "0"},
+                                        master_addr="10.1.2.3"))["MASTER_ADDR"] == "10.1.2.3"
+    assert "--wait" not in " ".join(launch_command(world, "r.yaml", [], "rank"))
+
+
+def test_node_address_uses_the_name_if_it_resolves_else_slurms_node_addr(fake, monkeypatch):
+    monkeypatch.setenv("PATH", fake.env["PATH"])
+    monkeypatch.setenv("FAKE_LOG", fake.env["FAKE_LOG"])
+    assert node_address("localhost") == "localhost" and fake.calls() == []
+    monkeypatch.setenv("FAKE_NODE_ADDR", "127.0.0.1")
+    assert node_address("node1.invalid") == "127.0.0.1"  # the local cluster's node names resolve nowhere
+    monkeypatch.setenv("FAKE_SCONTROL_RC", "1")
+    with pytest.raises(SlurmError, match="'node1.invalid' does not resolve.*--master-addr"):
+        node_address("node1.invalid")
 
 
 # --------------------------------------------------------------------------------------------------------------- #
@@ -491,6 +512,14 @@ def test_submit_runs_sbatch(fake, submit, capfd):
     assert f"--output={fake.tmp / 'run' / 'slurm-%j.out'}" in call["argv"] and (fake.tmp / "run").is_dir()
 
 
+def test_submit_for_cpu_nodes_asks_for_no_gpus_and_hands_the_ranks_per_node_to_the_batch_script(fake, submit, capsys):
+    assert submit(["--recipe", IMAGENET, "--nodes", "2", "--gpus-per-node", "4", "--cpu", "--cpus-per-task", "1",
+                   "--dry-run"]) == 0
+    line = capsys.readouterr().out.split("sbatch command:\n")[1].splitlines()[0].split()
+    assert "--gpus-per-node=0" in line and "--ntasks-per-node=4" in line  # 0: a CPU partition has no gpu gres
+    assert line[line.index(SBATCH) + 1:][:6] == ["--recipe", IMAGENET, "--mode", "rank", "--gpus-per-node", "4"]
+
+
 # --------------------------------------------------------------------------------------------------------------- #
 # Requeue
 
@@ -499,7 +528,7 @@ def test_requeue_calls_scontrol_with_the_job_id(fake, monkeypatch):
     monkeypatch.setenv("PATH", fake.env["PATH"])
     monkeypatch.setenv("FAKE_LOG", fake.env["FAKE_LOG"])
     assert requeue({"SLURM_JOB_ID": str(JOB)}) is True
-    assert fake.calls() == [{"prog": "scontrol", "argv": ["requeue", str(JOB)]}]
+    assert fake.calls() == [{"prog": "scontrol", "argv": ["requeue", "Incomplete", str(JOB)]}]
 
 
 def test_requeue_reports_failure_without_raising(fake, monkeypatch):

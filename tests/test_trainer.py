@@ -80,14 +80,15 @@ def test_tiled_and_naive_loss_give_the_same_training_curve(tmp_path):
         assert abs(a - b) <= 1e-4, (step, a, b)
 
 
-@pytest.mark.parametrize("micro", [0, 128], ids=["accumulation1", "accumulation2"])
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, micro):
+@pytest.mark.parametrize("micro, extra", [(0, ()), (128, ()), (128, ("model.momentum=0.99", "loss.memory_size=700"))],
+                         ids=["accumulation1", "accumulation2", "accumulation2-memory"])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, micro, extra):
     """2·S steps in one go vs S steps, a stop with checkpoint, a fresh trainer resuming, S more: same per-step losses
     (same data order and augmentations, restored from the loader's state) and identical parameters. With 2
     micro-batches of 128 a step, an epoch of 1,437 images is 11 micro-batches: 5 steps and one dropped tail."""
     s = 4  # 256-image batches: 5 steps an epoch, so the stop is mid-epoch and the resumed half crosses an epoch end
     common = ["train.epochs=4", "train.global_batch_size=256", "eval.max_eval_images=64",
-              f"train.micro_batch_size={micro}"]
+              f"train.micro_batch_size={micro}", *extra]  # memory: 700 keys, a queue that wraps mid-run
     whole = _trainer(_cfg(tmp_path / "whole", *common, f"train.stop_at_step={2 * s}"))
     whole.train()
     first = _trainer(_cfg(tmp_path / "split", *common, f"train.stop_at_step={s}"))
@@ -184,7 +185,7 @@ def test_one_step_accumulates_its_micro_batches_and_steps_once(tmp_path):
         lambda opt, a, k: seen.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()}))
     loss = trainer.train_step(micro)
     assert len(seen) == 1 and trainer.step == 1
-    want, total = {}, 0.0
+    total = 0.0
     for view_a, view_b in micro:
         z = reference(torch.cat([view_a, view_b]))
         part = losses.nt_xent(*z.chunk(2), temperature=trainer.cfg.loss.temperature, impl="naive")

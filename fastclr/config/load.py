@@ -8,6 +8,7 @@ the resolved tree as a recipe that loads back to the same config.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import inspect
 import os
@@ -30,7 +31,7 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
             raise ConfigError(f"config field '{name}': expected a mapping, got {value!r}")
         return from_dict(typ, value, name + ".")
     if get_origin(typ) is Literal:  # a choice: validated with its own message by the section's __post_init__
-        return str(value)
+        return str(value).lower() if isinstance(value, bool) else str(value)  # YAML reads true/false as booleans
     try:
         if typ is bool:
             low = str(value).lower()
@@ -94,15 +95,17 @@ def shipped_recipes() -> list[str]:
     return sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml"))
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults ← YAML recipe (a path or a shipped recipe's name) ← ``key=value`` overrides; validated."""
-    raw: dict = {}
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None) -> Config:
+    """Defaults ← ``base`` (a saved tree: a checkpoint's config) ← YAML recipe (a path or a shipped recipe's name) ←
+    ``key=value`` overrides; validated."""
+    raw: dict = copy.deepcopy(base) if base else {}
     if path:
         path = recipe_path(path)
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-        if not isinstance(raw, dict):
+            recipe = yaml.safe_load(f) or {}
+        if not isinstance(recipe, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+        _merge(raw, recipe)
     for item in overrides:
         key, value = parse_override(item)
         node = raw
@@ -112,6 +115,15 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
                 raise ConfigError(f"config field '{key}': '{k}' is not a section")
         node[key.split(".")[-1]] = value
     return from_dict(Config, raw)
+
+
+def _merge(into: dict, new: dict) -> None:
+    """``new``'s values over ``into``'s, section by section (a recipe sets some fields of a section, not all)."""
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = copy.deepcopy(v)
 
 
 def dump_config(cfg: Config, header: str = "") -> str:

@@ -35,7 +35,8 @@ def missing_paths(cfg: Config) -> list[tuple[str, str]]:
     d, out = cfg.data, []
     if d.dataset != "digits":
         for name, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
-            exists = bool(glob.glob(path)) if (d.dataset == "tar" and glob.has_magic(path)) else os.path.exists(path)
+            exists = bool(glob.glob(path)) if (d.dataset in ("tar", "auto") and glob.has_magic(path)) else \
+                os.path.exists(path)
             if path and not exists:
                 out.append((name, path))
     if d.exclude and not os.path.isfile(d.exclude):
@@ -43,26 +44,30 @@ def missing_paths(cfg: Config) -> list[tuple[str, str]]:
     return out
 
 
-def validate_run(cfg: Config, world_size: int, cuda: bool, local_files: bool = True) -> BatchPlan:
+def validate_run(cfg: Config, world_size: int, cuda: bool | None, local_files: bool = True) -> BatchPlan:
     """Checks that need the world size, the device or the files; call before building anything.
 
-    ``local_files=False`` (a login node that does not mount the data): missing paths are left to
+    ``cuda=None``: the ranks' device is not known here (a login node, a batch shell): the device checks are left to
+    the ranks. ``local_files=False`` (a node that does not mount the data): missing paths are left to
     :func:`missing_paths` for a warning instead of failing here.
     """
     plan = batch_plan(cfg, world_size)
-    if cfg.precision.dtype == "fp16" and not cuda:
-        raise ConfigError("config field 'precision.dtype': fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU); use bf16")
-    if cfg.loss.impl == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError("config field 'loss.impl': 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1); use auto or tiled")
+    if cuda is not None:
+        _check_device(cfg, cuda)
     if cfg.distributed.zero_stage != 0:
         raise ConfigError(
             f"config field 'distributed.zero_stage': {cfg.distributed.zero_stage} is refused: ZeRO shards flattened "
             "parameters, which breaks LARS's per-layer trust ratios; use 0")
+    if cfg.train.time_budget_minutes and cfg.optim.warmup_epochs <= 0:
+        raise ConfigError("config field 'train.time_budget_minutes': the run measures its speed during the warm-up, "
+                          "while the LR does not yet depend on the run's length; set optim.warmup_epochs > 0")
+    if bool(cfg.model.momentum) != bool(cfg.loss.memory_size):
+        raise ConfigError("config field 'loss.memory_size': SimCLR v2's memory needs both a momentum encoder "
+                          f"(model.momentum={cfg.model.momentum}) and a queue (loss.memory_size={cfg.loss.memory_size}); "
+                          "set both (e.g. 0.999 and 65536) or neither")
     gs = cfg.distributed.bn_group_size
     if gs:
         _check(world_size % gs == 0, "distributed.bn_group_size", f"{gs} does not divide the world size {world_size}")
-    if cfg.distributed.backend == "nccl" and not cuda:
-        raise ConfigError("config field 'distributed.backend': nccl needs CUDA; use auto or gloo")
     if cfg.data.dataset != "digits" and not cfg.data.eval_path:
         raise ConfigError("config field 'data.eval_path': the final kNN / linear-probe evaluation needs a held-out "
                           f"labelled split of the same kind as data.path ('{cfg.data.dataset}')")
@@ -70,6 +75,18 @@ def validate_run(cfg: Config, world_size: int, cuda: bool, local_files: bool = T
         for name, path in missing_paths(cfg):
             raise FileNotFoundError(f"config field '{name}': '{path}' does not exist")
     return plan
+
+
+def _check_device(cfg: Config, cuda: bool) -> None:
+    if cfg.precision.dtype == "fp16" and not cuda:
+        raise ConfigError("config field 'precision.dtype': fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU); use bf16")
+    if cfg.loss.impl == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("config field 'loss.impl': 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1); use auto or tiled")
+    if cfg.distributed.backend == "nccl" and not cuda:
+        raise ConfigError("config field 'distributed.backend': nccl needs CUDA; use auto or gloo")
+    if cfg.distributed.backend == "gloo" and cuda:
+        raise ConfigError("config field 'distributed.backend': gloo cannot carry the CUDA tensors of a GPU run "
+                          "(its collectives refuse them); use auto or nccl")
 
 
 def check_dataset_fits(plan: BatchPlan, batches_per_epoch: int, num_samples: int) -> int:
@@ -84,7 +101,13 @@ def check_resume_compatible(saved: dict, cfg: Config, where: str) -> None:
     """The checkpoint's model section must equal this run's: another architecture cannot load its tensors."""
     from .load import to_dict
 
+    runtime_only = ("compile", "compile_mode")  # how the network runs, not what its tensors are
     saved_model, current = saved.get("model"), to_dict(cfg)["model"]
+    if saved_model is not None:
+        # A field the checkpoint predates was at its default then (new options start switched off).
+        defaults = to_dict(type(cfg)())["model"]
+        saved_model = {k: saved_model.get(k, defaults[k]) for k in current if k not in runtime_only}
+    current = {k: v for k, v in current.items() if k not in runtime_only}
     if saved_model is None or saved_model == current:
         return
     key = sorted(k for k in current if saved_model.get(k) != current[k])[0]
@@ -112,6 +135,9 @@ def deepspeed_config(cfg: Config, plan: BatchPlan) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "gradient_clipping": 0.0,
+        # DeepSpeed's throughput timer synchronizes the device twice per micro-step (engine.py, forward prologue
+        # and step); the trainer's own phase timers replace it, and only when asked for.
+        "timers": {"throughput": {"enabled": cfg.logging.timers, "synchronized": cfg.logging.timers}},
     }
     if cfg.precision.dtype != "fp32":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if cfg.precision.dtype == "bf16" else "float16"}

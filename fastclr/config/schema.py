@@ -8,39 +8,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal
+
+from .checks import ConfigError, _at_least, _check, _check_choice, choices  # noqa: F401  (re-exported)
+from .tasks import DistillConfig, FinetuneConfig, LinearConfig  # the sections of linear/finetune/distill
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
-
-
-def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"config field '{name}': {msg}")
-
-
-def _at_least(section_obj, section: str, low: int, *names: str) -> None:
-    for name in names:
-        value = getattr(section_obj, name)
-        _check(value >= low, f"{section}.{name}", f"must be >= {low}, got {value}")
-
-
-def choices(literal) -> tuple[str, ...]:
-    """The values a ``Literal[...]`` choice type admits."""
-    return get_args(literal)
-
-
-def _check_choice(value: str, literal, name: str, what: str) -> None:
-    _check(value in choices(literal), name, f"unknown {what} '{value}'; choose one of {choices(literal)}")
-
-
-Dataset = Literal["digits", "folder", "filelist", "tar"]
-Arch = Literal["resnet18", "resnet34", "resnet50"]
+Dataset = Literal["digits", "auto", "folder", "filelist", "tar"]
+Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 LossImpl = Literal["auto", "naive", "tiled", "triton"]
 LrScaling = Literal["linear", "sqrt", "none"]
 Dtype = Literal["bf16", "fp16", "fp32"]
 Backend = Literal["auto", "nccl", "gloo"]
+Compile = Literal["auto", "true", "false"]
 
 
 @dataclass
@@ -90,7 +70,8 @@ class AugmentConfig:
 class DataConfig:
     dataset: Dataset = "digits"
     """'digits' (scikit-learn's bundled handwritten digits, no download), 'folder' (class sub-folders),
-    'filelist' (a text file of 'path [label]' lines), 'tar' (webdataset-style tar shards, path or glob)."""
+    'filelist' (a text file of 'path [label]' lines), 'tar' (webdataset-style tar shards, path or glob), or 'auto'
+    (the kind each path is: a .tar, glob or folder of shards, a folder of class folders, else a file list)."""
     path: str = ""
     """Training data: folder, file list or tar glob. Unused for 'digits'."""
     eval_path: str = ""
@@ -125,9 +106,15 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: Arch = "resnet18"
-    """Backbone: resnet18, resnet34 or resnet50 (torchvision parameter names)."""
+    """Backbone: resnet18, resnet34, resnet50, resnet101 or resnet152 (torchvision parameter names)."""
     width_mult: float = 1.0
-    """Channel multiplier of every stage (0.25 → ResNet-18 with 16 base channels: a CPU-sized net)."""
+    """Channel multiplier of every stage (0.25 → ResNet-18 with 16 base channels: a CPU-sized net; SimCLR v2 uses
+    2 and 3)."""
+    sk_ratio: float = 0.0
+    """Selective kernels (SimCLR v2, Chen et al. 2020b): 0 = off; SimCLR v2 uses 0.0625, the attention's reduction
+    (max(width·sk_ratio, 32) channels). Also switches the stem and projection shortcuts to ResNet-D's, as v2 does.
+    Backbone parameters: ResNet-50 1× 23.5M, with SK 35.2M; ResNet-152 3× with SK 794.7M (v2's Table 1: 24M, 35M,
+    795M)."""
     cifar_stem: bool = False
     """3×3 stride-1 first conv and no max-pool, for 32-px images."""
     zero_init_residual: bool = False
@@ -138,11 +125,25 @@ class ModelConfig:
     """Projection output dimension (SimCLR: 128)."""
     proj_layers: int = 2
     """2 = SimCLR v1 head, 3 = SimCLR v2 head."""
+    momentum: float = 0.0
+    """SimCLR v2's momentum encoder: base EMA momentum (0: off; MoCo/v2 0.999), rising to 1 along a cosine. Needs
+    loss.memory_size: its keys are the queue's negatives."""
+    compile: Compile = "auto"
+    """torch.compile the network: 'auto' (on CUDA, off on CPU, where compiling takes a minute for a few % of speed),
+    'true' or 'false'."""
+    compile_mode: str = "default"
+    """torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs) or 'max-autotune'."""
 
     def __post_init__(self):
         _check_choice(self.arch, Arch, "model.arch", "model")
         _check(self.width_mult > 0, "model.width_mult", f"must be > 0, got {self.width_mult}")
+        _check(0.0 <= self.sk_ratio <= 1.0, "model.sk_ratio",
+               f"must lie in [0, 1] (0 = off, SimCLR v2: 0.0625), got {self.sk_ratio}")
         _at_least(self, "model", 1, "proj_hidden_dim", "proj_out_dim", "proj_layers")
+        _check_choice(self.compile, Compile, "model.compile", "compile setting")
+        _check(0.0 <= self.momentum < 1.0, "model.momentum", f"must lie in [0, 1) (0 = off), got {self.momentum}")
+        _check_choice(self.compile_mode, Literal["default", "reduce-overhead", "max-autotune"], "model.compile_mode",
+                      "compile mode")
 
 
 @dataclass
@@ -153,11 +154,15 @@ class LossConfig:
     """'auto' (triton on CUDA, tiled on CPU), 'naive' (materializes 2N×2N), 'tiled', 'triton'."""
     global_negatives: bool = True
     """Score local anchors against the embeddings of every rank (google-research/simclr's cross-replica negatives)."""
+    memory_size: int = 0
+    """SimCLR v2's memory: a FIFO of this many momentum-encoder keys (the global batch's, identical on every rank),
+    extra negatives for every anchor (0: off; needs model.momentum > 0)."""
 
     def __post_init__(self):
         _check(math.isfinite(self.temperature) and self.temperature > 0, "loss.temperature",
                f"must be a positive number, got {self.temperature}")
         _check_choice(self.impl, LossImpl, "loss.impl", "impl")
+        _at_least(self, "loss", 0, "memory_size")
 
 
 @dataclass
@@ -191,6 +196,10 @@ class TrainConfig:
     """Length of the run in epochs (fractions allowed for smoke runs)."""
     max_minutes: float = 0.0
     """If > 0, the schedule is unchanged but the run stops cleanly (with a checkpoint) after this many minutes."""
+    time_budget_minutes: float = 0.0
+    """If > 0, choose train.epochs so that the whole run — warm-up, cosine, monitor evaluations, checkpoints and the
+    final evaluation — ends within this many minutes, from the speed measured during the warm-up (which must last at
+    least a few steps). The choice is printed and saved in config.yaml and the checkpoint; resume keeps it."""
     stop_at_step: int = 0
     """If > 0, stop cleanly (with a checkpoint) after this optimizer step; the schedule still spans ``epochs``."""
     global_batch_size: int = 256
@@ -205,7 +214,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
-        _at_least(self, "train", 0, "max_minutes", "stop_at_step")
+        _at_least(self, "train", 0, "max_minutes", "stop_at_step", "time_budget_minutes")
         _at_least(self, "train", 2, "global_batch_size")
         _at_least(self, "train", 0, "micro_batch_size")
         _at_least(self, "train", 1, "log_every", "max_nonfinite_steps")
@@ -231,13 +240,27 @@ class DistributedConfig:
     """BatchNorm statistics over all ranks (or groups of ``bn_group_size`` ranks), as SimCLR's global BN."""
     bn_group_size: int = 0
     """Ranks per BN group; 0 = all ranks."""
+    overlap_comm: bool = True
+    """All-reduce each gradient bucket as soon as backward completes it, while the rest of backward runs."""
+    bucket_mb: float = 25.0
+    """Gradient bucket size in MB (DDP's default 25). Smaller buckets start communicating earlier; each costs one
+    collective's latency."""
     backend: Backend = "auto"
     """'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
+    timeout: float = 600.0
+    """Seconds a collective waits for the other ranks before this rank gives up and exits (code 4) naming the
+    failure; passed to the process group (600 = DeepSpeed's and NCCL's default). A rank that dies is noticed at once on
+    gloo (its sockets close: 12 ms measured); one that hangs (SIGSTOP, a stuck filesystem) only through this timeout.
+    It must exceed the longest time a rank legitimately waits for the others: the spread of their start-up (a first
+    start JIT-compiles DeepSpeed's CPU op, ~30 s) and rank 0's checkpoint fsync."""
 
     def __post_init__(self):
         _check(self.zero_stage in (0, 1, 2, 3), "distributed.zero_stage", f"must be 0–3, got {self.zero_stage}")
         _at_least(self, "distributed", 0, "bn_group_size")
+        _check(self.bucket_mb > 0, "distributed.bucket_mb", f"must be > 0, got {self.bucket_mb}")
         _check_choice(self.backend, Backend, "distributed.backend", "backend")
+        _check(math.isfinite(self.timeout) and self.timeout > 0, "distributed.timeout",
+               f"must be a positive number of seconds (e.g. 600), got {self.timeout}")
 
 
 @dataclass
@@ -248,14 +271,20 @@ class CheckpointConfig:
     """Save every this many optimizer steps (0: only at epoch ends selected by ``every_epochs`` and at the end)."""
     every_epochs: int = 5
     """Save every this many epochs (0: off)."""
+    every_minutes: float = 30.0
+    """Save when this many minutes have passed since the last checkpoint (0: off), decided by all ranks together:
+    the most work a crash, a killed rank or a lost node can cost, whatever the epoch length."""
     keep: int = 2
-    """How many complete checkpoints to keep (oldest removed after a newer one is complete)."""
+    """How many complete checkpoints to keep (oldest removed after a newer one is complete). Keep 2 or more: a
+    newest checkpoint found damaged at resume is set aside and the one before it used."""
     resume: str = "auto"
     """'auto' (latest complete checkpoint in ``dir`` if any), 'none', or a checkpoint tag/path."""
 
     def __post_init__(self):
         _at_least(self, "checkpoint", 0, "every_steps", "every_epochs")
         _at_least(self, "checkpoint", 1, "keep")
+        _check(math.isfinite(self.every_minutes) and self.every_minutes >= 0, "checkpoint.every_minutes",
+               f"must be >= 0 minutes (0: off), got {self.every_minutes}")
 
 
 @dataclass
@@ -309,6 +338,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
     """Seed of model initialisation and every random stream derived from it."""
 

@@ -24,12 +24,7 @@ def _source_for(path: str, kind: str):
     from . import sources
 
     if kind == "auto":
-        if os.path.isdir(path) and not any(f.lower().endswith(".tar") for f in os.listdir(path)):
-            kind = "folder"
-        elif path.lower().endswith(".tar") or os.path.isdir(path) or any(c in path for c in "*?["):
-            kind = "tar"
-        else:
-            kind = "filelist"
+        kind = sources.detect_kind(path)
     return kind, {"folder": sources.folder_source, "filelist": sources.filelist_source,
                   "tar": sources.tar_source}[kind](path)
 

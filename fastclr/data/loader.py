@@ -36,7 +36,7 @@ import nvidia.dali as dali
 from nvidia.dali import types
 
 from .augment import default_eval_resize, eval_graph, two_view_graph
-from .screen import BadSamples, decodes
+from .screen import BadSamples, as_png, decodes, decodes_on_gpu
 from .sources import Source, build_source
 
 ORDER_STREAM = 0x5D1C
@@ -70,6 +70,12 @@ def _device_args(device: torch.device) -> tuple[str, int | None]:
     return "cpu", None  # DALI CPU pipelines need device_id=None
 
 
+def _stream(device: torch.device):
+    """On the GPU: torch's current stream, which DALI then binds its outputs to — no host synchronization (without
+    it ``pipe.run()`` returns host-synchronous outputs). None on the CPU."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+
+
 def _to_torch(tensor_list, device: torch.device, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
     """A dense DALI batch → torch without a copy (DLPack; on the GPU it orders DALI's stream before torch's)."""
     t = tensor_list.as_tensor()
@@ -86,6 +92,10 @@ def _to_torch(tensor_list, device: torch.device, dtype: torch.dtype, channels_la
 class TrainLoader:
     """Two-view SimCLR batches of one shard. ``for view_a, view_b in loader`` yields the rest of the current epoch;
     when that ends (or was already used up) the loader stands at the start of the next epoch."""
+
+    graph = staticmethod(two_view_graph)
+    """The DALI graph of a batch; a subclass swaps it with ``outputs`` (:mod:`fastclr.data.labelled`: one view and the
+    labels)."""
 
     def __init__(self, source: Source, cfg, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
                  device: torch.device, dtype: torch.dtype = torch.float32, channels_last: bool = True):
@@ -113,6 +123,7 @@ class TrainLoader:
         self._ahead: dict[int, object] = {}
         self._reader = ThreadPoolExecutor(max_workers=1) if source.encoded else None
         self.bad = BadSamples(source)
+        self.reencoded: dict[int, np.ndarray] = {}  # images the GPU decoder refuses, as PNG (see _blame)
 
     # ---------------------------------------------------------------------------------------------------------- #
     def __len__(self) -> int:
@@ -165,6 +176,8 @@ class TrainLoader:
         for slot, i in enumerate(indices):
             if not self.bad.check(i, samples[slot]):
                 indices[slot], samples[slot] = self._replacement(g, slot)
+            elif indices[slot] in self.reencoded:
+                samples[slot] = self.reencoded[indices[slot]]
         return indices, samples
 
     def _replacement(self, g: int, slot: int) -> tuple[int, np.ndarray]:
@@ -190,6 +203,10 @@ class TrainLoader:
                 reason = decodes(buf)
                 if reason is not None:
                     self.bad.mark(i, reason)
+                    found += 1
+                elif self._device_id is not None and decodes_on_gpu(buf, self._device_id) is not None:
+                    # Good to the CPU decoder, refused by the GPU one: the same pixels as PNG, which it takes.
+                    self.reencoded[i] = as_png(buf)
                     found += 1
         return found
 
@@ -221,7 +238,7 @@ class TrainLoader:
         self._pipe_g0, self._pipe_iter0, self._pipe_next, self._pipe_runs, self._pipe_seed = g0, iter0, g0, 0, seed
         self._ahead = {}
         kw = {} if checkpoint is None else {"checkpoint": checkpoint}
-        self._pipe = two_view_graph(
+        self._pipe = self.graph(
             read_batch=self._read_batch, encoded=self.source.encoded, aug=self.cfg.augment,
             image_size=self.cfg.image_size, device=self._dali_device, dtype=_dali_dtype(self.device, self.dtype),
             channels_last=self.channels_last, batch_size=self.batch_size, num_threads=self.cfg.num_threads,
@@ -239,7 +256,7 @@ class TrainLoader:
             if self._pipe is None:
                 self._build_pipe()
             try:
-                view_a, view_b = self._pipe.run()
+                outputs = self._pipe.run(_stream(self.device))
             except RuntimeError:
                 # The batches in flight: this one and those DALI read ahead of it.
                 if not self.source.encoded or not self._blame(self._global(), self.cfg.prefetch + 1):
@@ -249,9 +266,12 @@ class TrainLoader:
             self._pipe_runs += 1
             self._pipe_next += 1
             self.position += 1
-            yield (_to_torch(view_a, self.device, self.dtype, self.channels_last),
-                   _to_torch(view_b, self.device, self.dtype, self.channels_last))
+            yield self.outputs(outputs)
         self.epoch, self.position = self.epoch + 1, 0
+
+    def outputs(self, outputs) -> tuple[torch.Tensor, ...]:
+        """The torch batch of one pipeline run: (view_a, view_b)."""
+        return tuple(_to_torch(o, self.device, self.dtype, self.channels_last) for o in outputs)
 
     # ---------------------------------------------------------------------------------------------------------- #
     def state_dict(self) -> dict:
@@ -290,10 +310,12 @@ class TrainLoader:
 
 
 class EvalLoader:
-    """Deterministic (images, labels) batches of a whole split, in source order; the last batch may be short."""
+    """Deterministic (images, labels) batches of a split in source order (shard s of k: every k-th image from the
+    s-th, so that the shards interleave back into the split); the last batch may be short."""
 
     def __init__(self, source: Source, cfg, *, batch_size: int, device: torch.device,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = True, max_images: int = 0):
+                 dtype: torch.dtype = torch.float32, channels_last: bool = True, max_images: int = 0,
+                 shard_id: int = 0, num_shards: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_images < 0:
@@ -306,6 +328,8 @@ class EvalLoader:
             # A fixed random subset, not the first images: class folders are listed class by class.
             rng = np.random.Generator(np.random.PCG64(EVAL_SUBSET_SEED))
             self.indices = np.sort(rng.choice(len(source), max_images, replace=False))
+        self.split_size = len(self.indices)
+        self.indices = self.indices[shard_id::num_shards]
         self.labels = torch.from_numpy(source.labels[self.indices])
         self.bad = BadSamples(source)
 
@@ -336,7 +360,7 @@ class EvalLoader:
             prefetch_queue_depth=self.cfg.prefetch)
         pipe.build()
         for b in range(len(self)):
-            (images,) = pipe.run()
+            (images,) = pipe.run(_stream(self.device))
             labels = self.labels[b * self.batch_size:(b + 1) * self.batch_size]
             if self.bad.bad:  # the callback of batch b has run: its bad samples are known; -1 leaves them out
                 index = self.indices[b * self.batch_size:(b + 1) * self.batch_size]
@@ -353,8 +377,9 @@ def build_train_loader(cfg, *, batch_size: int, shard_id: int = 0, num_shards: i
 
 
 def build_eval_loader(cfg, split: str, *, batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32,
-                      channels_last: bool = True, max_images: int = 0) -> EvalLoader:
+                      channels_last: bool = True, max_images: int = 0, shard_id: int = 0,
+                      num_shards: int = 1) -> EvalLoader:
     """Evaluation loader: 'train' = the training set without augmentation (kNN bank, linear probe), 'test' = the
     held-out split."""
     return EvalLoader(build_source(cfg, split), cfg, batch_size=batch_size, device=device, dtype=dtype,
-                      channels_last=channels_last, max_images=max_images)
+                      channels_last=channels_last, max_images=max_images, shard_id=shard_id, num_shards=num_shards)

@@ -118,43 +118,71 @@ def _decoder_message(text: str) -> str:
 
 
 class _Decoder:
-    """One-image DALI CPU decode, reused across calls; rebuilt after a failure."""
+    """One-image DALI decode, reused across calls; rebuilt after a failure. ``device_id=None``: the CPU decoder;
+    a GPU index: the ``mixed`` (nvJPEG) decoder training uses on that GPU."""
 
-    def __init__(self):
+    def __init__(self, device_id: int | None = None):
         self._lock = threading.Lock()
         self._pipe = None
+        self.device_id = device_id
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
 
-        @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_async=False,
-                      exec_pipelined=False)
+        device = "cpu" if self.device_id is None else "mixed"
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=self.device_id, prefetch_queue_depth=1,
+                      exec_async=False, exec_pipelined=False)
         def decode_one():
             data = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+            return fn.decoders.image(data, device=device, output_type=types.RGB)
 
         pipe = decode_one()
         pipe.build()
         return pipe
 
-    def __call__(self, buf: np.ndarray) -> str | None:
-        """None if DALI decodes ``buf`` to a non-empty RGB image, else the reason it does not."""
+    def pixels(self, buf: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+        """(HWC uint8 RGB pixels, None), or (None, why DALI cannot decode ``buf`` to a non-empty RGB image)."""
         with self._lock:
             if self._pipe is None:
                 self._pipe = self._build()
             try:
                 self._pipe.feed_input("encoded", [np.ascontiguousarray(buf, dtype=np.uint8)])
                 (out,) = self._pipe.run()
-                shape = tuple(out.at(0).shape)
+                image = np.array(out.as_cpu().at(0) if self.device_id is not None else out.at(0))
             except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses with the decoder's message
                 self._pipe = None
-                return f"not decodable ({_decoder_message(str(e))})"
-            if len(shape) != 3 or shape[2] != 3 or min(shape[:2]) < 1:
-                return f"decoded to an unusable shape {shape}"
-            return None
+                return None, f"not decodable ({_decoder_message(str(e))})"
+            if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+                return None, f"decoded to an unusable shape {image.shape}"
+            return image, None
+
+    def __call__(self, buf: np.ndarray) -> str | None:
+        return self.pixels(buf)[1]
 
 
 _decoder = _Decoder()
+_gpu_decoders: dict[int, _Decoder] = {}
+
+
+def decodes_on_gpu(buf, device_id: int) -> str | None:
+    """The GPU (mixed) decoder's verdict on one encoded image: it can refuse streams the CPU decoder reads."""
+    return _gpu_decoders.setdefault(device_id, _Decoder(device_id))(np.asarray(buf, np.uint8))
+
+
+def as_png(buf) -> np.ndarray:
+    """An encoded image the CPU decoder reads, decoded there and re-encoded as lossless PNG: the same pixels, in a
+    stream every decoder takes (for images the GPU decoder refuses)."""
+    import io
+
+    from PIL import Image
+
+    pixels, reason = _decoder.pixels(np.asarray(buf, np.uint8))
+    if pixels is None:
+        raise ValueError(f"as_png: {reason}")
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG", compress_level=1)
+    return np.frombuffer(out.getvalue(), np.uint8)
 
 
 def decodes(buf) -> str | None:

@@ -364,17 +364,28 @@ def _build_source(cfg, split: str) -> Source:
         return digits_source(split, cfg.image_size)
     path, field = (cfg.path, "data.path") if split == "train" else (cfg.eval_path, "data.eval_path")
     if not path:
-        raise ValueError(f"config field '{field}': dataset '{cfg.dataset}' needs a path for the '{split}' split "
+        raise ValueError(f"dataset '{cfg.dataset}' needs {field} for the '{split}' split "
                          "(held-out labelled data of the same kind as data.path)")
-    if cfg.dataset == "folder":
-        classes = folder_classes(cfg.path) if split == "test" and os.path.isdir(cfg.path) else None
+    kind = detect_kind(path) if cfg.dataset == "auto" else cfg.dataset
+    train_kind = detect_kind(cfg.path) if cfg.dataset == "auto" else cfg.dataset
+    if kind == "folder":
+        classes = folder_classes(cfg.path) if split == "test" and train_kind == "folder" else None
         return folder_source(path, classes)
-    if cfg.dataset == "filelist":
+    if kind == "filelist":
         return filelist_source(path)
-    if cfg.dataset == "tar":
+    if kind == "tar":
         classes = None
-        if split == "test":
-            train = tar_source(cfg.path)
-            classes = train.classes or None
+        if split == "test" and train_kind == "tar":
+            classes = tar_source(cfg.path).classes or None
         return tar_source(path, classes)
-    raise ValueError(f"config field 'data.dataset': unknown dataset '{cfg.dataset}'")
+    raise ValueError(f"unknown dataset kind '{kind}' (data.dataset)")
+
+
+def detect_kind(path: str) -> str:
+    """'tar' (a .tar file, a glob, or a folder holding .tar shards), 'folder' (a folder of class sub-folders) or
+    'filelist' (any other file): what ``data.dataset=auto`` reads ``path`` as."""
+    if os.path.isdir(path):
+        return "tar" if any(f.lower().endswith(".tar") for f in os.listdir(path)) else "folder"
+    if path.lower().endswith(".tar") or glob.has_magic(path):
+        return "tar"
+    return "filelist"

@@ -4,6 +4,10 @@ Contrastive Learning of Visual Representations", eq. 1), behind one function wit
 - ``naive``: materializes the (M × 2N) similarity matrix; plain autograd. The reference.
 - ``tiled``: blockwise online log-sum-exp, recompute in backward, O(N·d) memory (fastclr/losses/tiled.py).
 - ``triton``: the same algorithm as GPU kernels (kernels/ntxent.py). ``auto`` picks it for CUDA tensors.
+
+Each takes an optional queue of extra negatives, SimCLR v2's momentum-encoder memory (Chen et al. 2020b, "Big
+Self-Supervised Models are Strong Semi-Supervised Learners", sec. 2, after MoCo, He et al. 2020): columns scored by
+every anchor, never materialized as a matrix by tiled and triton, and given no gradient.
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ _NORM_EPS = 1e-12
 
 
 def ntxent_naive(rows: torch.Tensor, cols: torch.Tensor, row_offset: int, n_global: int,
-                 temperature: float) -> torch.Tensor:
-    """Reference: the whole (M, 2N) logit matrix and plain autograd (anchor layout: losses/tiled.py).
+                 temperature: float, queue: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: the whole (M, 2N + Q) logit matrix and plain autograd (anchor layout: losses/tiled.py); ``queue``
+    (Q, d) or None holds extra negatives of every anchor.
 
     Written as softplus(lse_neg − s_pos) with lse_neg the log-sum-exp over the negatives only — the same value as
     lse_all − s_pos, but its gradient is exact where p_pos → 1: the positive's (p_pos − 1) comes out as
@@ -34,7 +39,8 @@ def ntxent_naive(rows: torch.Tensor, cols: torch.Tensor, row_offset: int, n_glob
     fp32 ~4e-5 of relative gradient accuracy).
     """
     m = rows.shape[0]
-    if cols.shape[0] == 2:  # one sample: no negatives, the loss is 0 by definition (and so is its gradient)
+    has_queue = queue is not None and queue.shape[0] > 0
+    if cols.shape[0] == 2 and not has_queue:  # one sample: no negatives, the loss is 0 by definition (so is its grad)
         return (rows.sum() + cols.sum()) * 0.0
     self_col, pos_col = anchor_columns(m, row_offset, n_global, rows.device)
     anchors = torch.arange(m, device=rows.device)
@@ -43,16 +49,19 @@ def ntxent_naive(rows: torch.Tensor, cols: torch.Tensor, row_offset: int, n_glob
     not_negative = torch.zeros_like(logits, dtype=torch.bool)
     not_negative[anchors, self_col] = True
     not_negative[anchors, pos_col] = True
-    lse_neg = torch.logsumexp(logits.masked_fill(not_negative, float("-inf")), dim=1)  # (M,)
+    negatives = logits.masked_fill(not_negative, float("-inf"))
+    if has_queue:
+        negatives = torch.cat([negatives, rows @ queue.t() / temperature], dim=1)  # (M, 2N + Q)
+    lse_neg = torch.logsumexp(negatives, dim=1)  # (M,)
     return F.softplus(lse_neg - pos).mean()
 
 
-def _ntxent_triton(rows, cols, row_offset, n_global, temperature):
+def _ntxent_triton(rows, cols, row_offset, n_global, temperature, queue=None, dot_dtype=None):
     try:
         from fastclr_kernels import ntxent as _kernel
     except ImportError:  # running from a source tree without install
         from kernels import ntxent as _kernel
-    return _kernel.ntxent(rows, cols, row_offset, n_global, temperature)
+    return _kernel.ntxent(rows, cols, row_offset, n_global, temperature, queue, dot_dtype)
 
 
 def _triton_max_d() -> int:
@@ -92,6 +101,23 @@ def _check_inputs(z_a, z_b, temperature, impl):
     return float(temperature)
 
 
+def _check_queue(queue, z_a) -> None:
+    if queue is None:
+        return
+    if not isinstance(queue, torch.Tensor):
+        raise TypeError(f"queue must be None or a torch.Tensor of shape (Q, d), got {type(queue).__name__}")
+    if queue.dim() != 2 or queue.shape[1] != z_a.shape[1]:
+        raise ValueError(f"queue must be (Q, d) with the embeddings' d = {z_a.shape[1]}, got shape "
+                         f"{tuple(queue.shape)}")
+    if not queue.is_floating_point():
+        raise TypeError(f"queue must be a floating-point tensor, got {queue.dtype}")
+    if queue.device != z_a.device:
+        raise ValueError(f"queue must be on the embeddings' device {z_a.device}, got {queue.device}")
+    if queue.requires_grad:
+        raise ValueError("queue must not require grad: it holds constant negatives (momentum-encoder keys) and "
+                         "gets no gradient; pass queue.detach()")
+
+
 def _resolve_impl(impl: str, z: torch.Tensor) -> str:
     if impl == "auto":
         if z.is_cuda and z.shape[1] <= _triton_max_d_or_zero():
@@ -117,13 +143,14 @@ def _triton_max_d_or_zero() -> int:
 
 
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.1, impl: str = "auto",
-            group=None) -> torch.Tensor:
+            group=None, queue: torch.Tensor | None = None) -> torch.Tensor:
     """SimCLR's NT-Xent loss of two views ``z_a``, ``z_b`` (N, d): row i of each is a view of sample i. fp32 scalar.
 
     Rows are L2-normalized, every one of the 2N embeddings is an anchor whose positive is the other view of its
     sample and whose negatives are the other 2N − 2 embeddings; the result is the mean over anchors of
-    −log softmax_{j≠i}(z_i·z_j/τ)[positive]. Arithmetic is fp32 whatever the input dtype (the triton impl feeds bf16
-    and fp16 inputs to the tensor cores as such and accumulates in fp32).
+    −log softmax_{j≠i}(z_i·z_j/τ)[positive]. Arithmetic is fp32 whatever the input dtype (for bf16 and fp16 inputs
+    the triton impl multiplies the fp32-normalized embeddings in that dtype on the tensor cores, accumulating and
+    returning gradients in fp32).
 
     ``impl``: "naive" | "tiled" | "triton" | "auto" (triton for CUDA tensors when d ≤ the kernel's limit, else tiled).
 
@@ -134,23 +161,36 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.1, impl
     the ranks' losses is the global loss; each rank's input gradient is world_size × its slice of the global
     gradient, which the 1/world_size of data-parallel gradient averaging (DDP, DeepSpeed) turns into exactly the
     single-process update.
+
+    ``queue``: None, or a (Q, d) tensor of extra negatives for every anchor (SimCLR v2's memory of momentum-encoder
+    embeddings), already L2-normalized (it is used as given) and not requiring grad (it gets none); the same on
+    every rank. Each anchor's softmax then runs over its 2N − 2 negatives, its positive and the Q queue columns.
+    Q = 0 gives exactly the result without a queue.
     """
     temperature = _check_inputs(z_a, z_b, temperature, impl)
+    _check_queue(queue, z_a)
     impl = _resolve_impl(impl, z_a)
     group = resolve_group(group)
     n, d = z_a.shape
     # Normalize in fp32: a bf16 sum of squares over d terms would lose the precision the loss is graded on.
     rows = F.normalize(torch.cat([z_a, z_b]).float(), dim=1, eps=_NORM_EPS)  # (2n, d)
-    if impl == "triton" and z_a.dtype in (torch.bfloat16, torch.float16):
-        rows = rows.to(z_a.dtype)  # tensor-core operands; halves the bytes gathered below too
     cols, row_offset, n_global = rows, 0, n
     if group is not None and dist.get_world_size(group) > 1:
         world, rank = dist.get_world_size(group), dist.get_rank(group)
+        # Gathered in fp32 even when the kernel multiplies in bf16/fp16 (it casts after this, and returns fp32
+        # gradients): the gather's backward then sums every rank's column gradient in fp32. Cast before the gather,
+        # the gradients were rounded to bf16 and summed in bf16: 4.6–6.7× the input-gradient error on 4 ranks
+        # (1.05e-2–1.7e-2 vs ≤ 3.0e-3 of the largest entry, against the fp64 reference of the kernel's operands, 6
+        # seeds; tests/test_distributed.py). The extra bytes (2N·d·2, 2 MiB at 2N = 8192, d = 128) are small beside
+        # the model's gradient all-reduce.
         gathered = all_gather_with_grad(rows, group)  # (W·2n, d): [rank 0: a, b | rank 1: a, b | ...]
         cols = gathered.view(world, 2, n, d).transpose(0, 1).reshape(2 * world * n, d)  # [all a; all b]
         row_offset, n_global = rank * n, world * n
     if impl == "naive":
-        return ntxent_naive(rows, cols, row_offset, n_global, temperature)
+        return ntxent_naive(rows, cols, row_offset, n_global, temperature, None if queue is None else queue.float())
     if impl == "tiled":
-        return ntxent_tiled(rows, cols, row_offset, n_global, temperature)
-    return _ntxent_triton(rows, cols, row_offset, n_global, temperature)
+        return ntxent_tiled(rows, cols, row_offset, n_global, temperature,
+                            queue=None if queue is None else queue.float())
+    # bf16/fp16 inputs: the kernel casts its operands for the tensor cores and returns fp32 gradients.
+    dot_dtype = z_a.dtype if z_a.dtype in (torch.bfloat16, torch.float16) else None
+    return _ntxent_triton(rows, cols, row_offset, n_global, temperature, queue, dot_dtype)

@@ -1,8 +1,19 @@
 """Export of the pretrained encoder as a plain state_dict with torchvision's ResNet key names (no ``fc``).
 
-For a width-1 backbone with the standard stem the file loads with
-``torchvision.models.resnet50().load_state_dict(torch.load(path), strict=False)``, reporting only ``fc.weight`` and
-``fc.bias`` as missing.
+For a width-1 backbone with the standard stem and no SK the file loads with
+``torchvision.models.resnet50().load_state_dict(torch.load(path), strict=False)`` (likewise resnet18/34/101/152),
+reporting only ``fc.weight`` and ``fc.bias`` as missing. Wider backbones keep the names with wider tensors.
+
+Selective kernels (``sk_ratio`` > 0, SimCLR v2) have no torchvision counterpart; their keys extend torchvision's
+scheme (and follow timm's ``resnet50d`` for the ResNet-D parts):
+
+- stem ``conv1.0.weight``, ``conv1.1.*`` (BN), ``conv1.3.weight``, ``conv1.4.*``, ``conv1.6.weight``, then ``bn1.*``
+  (the 7x7 ``conv1.weight`` is gone);
+- in each block, the strided 3x3 (``conv2`` of a Bottleneck, ``conv1`` of a BasicBlock) and its BN keep their
+  names with 2·width output channels (the two paths), followed by the attention ``sk.fc_reduce.weight``
+  (mid, width, 1, 1), ``sk.bn.*`` (mid) and ``sk.fc_select.weight`` (2·width, mid, 1, 1);
+- projection shortcuts ``downsample.1.weight`` (1x1 conv) and ``downsample.2.*`` (BN): ``downsample.0`` is the
+  parameter-free average pool.
 """
 from __future__ import annotations
 

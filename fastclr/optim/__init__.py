@@ -1,7 +1,7 @@
 """Optimization: LARS, the parameter groups it runs on, the LR schedule, and the non-finite step guard."""
 from .lars import LARS
-from .nonfinite import NonfiniteGuard
+from .nonfinite import SkippedSteps
 from .param_groups import excluded_names, param_groups
 from .schedule import Schedule, lr_at, peak_lr, scaled_lr
 
-__all__ = ["LARS", "NonfiniteGuard", "Schedule", "excluded_names", "lr_at", "param_groups", "peak_lr", "scaled_lr"]
+__all__ = ["LARS", "Schedule", "SkippedSteps", "excluded_names", "lr_at", "param_groups", "peak_lr", "scaled_lr"]

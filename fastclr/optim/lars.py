@@ -28,6 +28,12 @@ list is walked in chunks. ResNet-50 + head, fp32, 2-core Xeon, same tensors, int
 16 MiB chunks 47.1, 4 MiB 46.0, the per-tensor loop 44.5. 4 MiB would take ~150 calls a step, 16 MiB takes ~70."""
 
 
+def _sanitize(tensors: list[Tensor]) -> None:
+    """inf/NaN → 0 in place, so that a skipped step's arithmetic stays finite (0·NaN would be NaN)."""
+    for t in tensors:
+        torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def _trust(w_norm: Tensor, g_norm: Tensor, eta: float, eps: float) -> Tensor:
     """η‖w‖/(‖g'‖+eps) where both norms are positive, else 1 — chosen on the device, never on the host."""
     return torch.where((w_norm > 0) & (g_norm > 0), eta * w_norm / (g_norm + eps), 1.0)
@@ -47,47 +53,58 @@ def _chunks(params: list[Tensor], budget: int | None) -> list[slice]:
     return runs + [slice(start, len(params))]
 
 
-def _step_foreach(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *, lr: float, momentum: float,
-                  weight_decay: float, eta: float, eps: float, lars: bool) -> None:
-    """All tensors of one (device, dtype) bucket at once: six multi-tensor calls per chunk, and one trust-ratio
-    computation for the whole bucket. On CUDA the bucket is one chunk.
-    """
+def _norms_foreach(params: list[Tensor], grads: list[Tensor], *, weight_decay: float,
+                   lars: bool) -> tuple[Tensor | None, Tensor]:
+    """Phase 1 for one (device, dtype) bucket: g ← g' = g + wd·w in place where LARS applies, then the per-tensor
+    norms (‖w‖ or None, ‖g'‖), each (P,): multi-tensor calls over chunks (one chunk on CUDA)."""
     chunks = _chunks(params, CPU_CHUNK_BYTES if params[0].is_cpu else None)
-    if lars:
-        w_norms, g_norms = [], []  # one 0-d tensor per parameter
-        for c in chunks:
-            if weight_decay:
-                torch._foreach_add_(grads[c], params[c], alpha=weight_decay)  # g ← g' = g + wd·w
+    w_norms, g_norms = [], []  # one 0-d tensor per parameter
+    for c in chunks:
+        if lars and weight_decay:
+            torch._foreach_add_(grads[c], params[c], alpha=weight_decay)
+        if lars:
             w_norms += torch._foreach_norm(params[c])
-            g_norms += torch._foreach_norm(grads[c])
-        # lr·trust per tensor, (P,), handed out as 0-d tensor views: no value reaches the host.
-        scales = (lr * _trust(torch.stack(w_norms), torch.stack(g_norms), eta, eps)).unbind(0)
+        g_norms += torch._foreach_norm(grads[c])
+    return (torch.stack(w_norms) if lars else None), torch.stack(g_norms)
+
+
+def _apply_foreach(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], scales: list[Tensor] | None, *,
+                   lr: float, momentum: Tensor, keep: Tensor) -> None:
+    """Phase 2: v ← m·v + lr·trust·g' (``scales``: lr·trust·keep per tensor, None outside LARS), w ← w − keep·v.
+    ``keep`` is 1, or 0 for a skipped step (then ``momentum`` is 1 and the gradients are 0: v and w stay)."""
+    chunks = _chunks(params, CPU_CHUNK_BYTES if params[0].is_cpu else None)
+    neg_keep = [-keep] * len(params)
     for c in chunks:
         torch._foreach_mul_(bufs[c], momentum)
-        if lars:
-            # v ← m·v + lr·trust·g'. On CUDA ATen runs this one call as a kernel per tensor (its multi-tensor kernels
-            # take per-tensor factors only as host scalars, which would need a sync); every other call here is a
-            # multi-tensor kernel.
+        if scales is not None:
+            # On CUDA ATen runs this one call as a kernel per tensor (its multi-tensor kernels take per-tensor factors
+            # only as host scalars, which would need a sync); every other call here is a multi-tensor kernel.
             torch._foreach_addcmul_(bufs[c], grads[c], scales[c])
         else:
-            torch._foreach_add_(bufs[c], grads[c], alpha=lr)  # v ← m·v + lr·g
-        torch._foreach_sub_(params[c], bufs[c])
+            torch._foreach_mul_(grads[c], keep)
+            torch._foreach_add_(bufs[c], grads[c], alpha=lr)
+        torch._foreach_addcmul_(params[c], bufs[c], neg_keep[c])  # w − 1·v is exactly w − v
 
 
-def _step_loop(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *, lr: float, momentum: float,
-               weight_decay: float, eta: float, eps: float, lars: bool) -> None:
-    """The same operators one tensor at a time: the baseline ``_step_foreach`` replaces."""
-    for p, g, buf in zip(params, grads, bufs):
-        if lars:
-            if weight_decay:
-                g.add_(p, alpha=weight_decay)  # g ← g' = g + wd·w
-            scale = lr * _trust(torch.linalg.vector_norm(p), torch.linalg.vector_norm(g), eta, eps)  # 0-d
+def _norms_loop(params: list[Tensor], grads: list[Tensor], *, weight_decay: float,
+                lars: bool) -> tuple[Tensor | None, Tensor]:
+    """The same operators one tensor at a time: the baseline the multi-tensor calls replace."""
+    if lars and weight_decay:
+        for p, g in zip(params, grads):
+            g.add_(p, alpha=weight_decay)
+    w = torch.stack([torch.linalg.vector_norm(p) for p in params]) if lars else None
+    return w, torch.stack([torch.linalg.vector_norm(g) for g in grads])
+
+
+def _apply_loop(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], scales: list[Tensor] | None, *,
+                lr: float, momentum: Tensor, keep: Tensor) -> None:
+    for i, (p, g, buf) in enumerate(zip(params, grads, bufs)):
         buf.mul_(momentum)
-        if lars:
-            buf.addcmul_(g, scale)  # v ← m·v + lr·trust·g'
+        if scales is not None:
+            buf.addcmul_(g, scales[i])
         else:
-            buf.add_(g, alpha=lr)  # v ← m·v + lr·g
-        p.sub_(buf)
+            buf.add_(g.mul_(keep), alpha=lr)
+        p.addcmul_(buf, -keep)
 
 
 class LARS(torch.optim.Optimizer):
@@ -114,6 +131,14 @@ class LARS(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         eps=eps, lars=True, foreach=foreach)
         super().__init__(params, defaults)
+        self.grad_buffers: list[Tensor] = []
+        """Flat tensors that hold every gradient (``fastclr.allreduce.GradientBuckets.flat``), if the gradients are
+        views into them: sanitized in a few calls instead of one per tensor."""
+        self.step_ok: Tensor | None = None
+
+    _step_supports_amp_scaling = True
+    """fp16: ``torch.amp.GradScaler.step`` hands over ``grad_scale`` and ``found_inf`` (as attributes) instead of
+    reading ``found_inf`` on the host itself: the step unscales and skips on the device."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -121,6 +146,7 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []  # (group, params, grads, bufs) per (device, dtype) bucket of each group
         for group in self.param_groups:
             buckets = defaultdict(lambda: ([], [], []))  # (device, dtype) -> (params, grads, momentum buffers)
             for p in group["params"]:
@@ -135,9 +161,34 @@ class LARS(torch.optim.Optimizer):
                 bucket[0].append(p)
                 bucket[1].append(p.grad)
                 bucket[2].append(state["momentum_buffer"])
-            update = _step_foreach if group["foreach"] else _step_loop
-            for params, grads, bufs in buckets.values():
-                update(params, grads, bufs, lr=group["lr"], momentum=group["momentum"],
-                       weight_decay=group["weight_decay"], eta=group["trust_coefficient"], eps=group["eps"],
-                       lars=group["lars"])
+            work += [(group, *b) for b in buckets.values()]
+        if not work:
+            return loss
+        all_grads = [g for _, _, grads, _ in work for g in grads]
+        scale = getattr(self, "grad_scale", None)
+        if scale is not None:  # fp16: unscale on the device (GradScaler did not)
+            torch._foreach_mul_(all_grads, scale.double().reciprocal().float())
+        norms = []
+        for group, params, grads, _ in work:
+            norm = _norms_foreach if group["foreach"] else _norms_loop
+            norms.append(norm(params, grads, weight_decay=group["weight_decay"], lars=group["lars"]))
+        # One verdict for the whole step, on the device: every gradient finite (and no fp16 overflow).
+        finite = torch.isfinite(torch.cat([g for _, g in norms])).all()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:
+            finite = finite & (found_inf == 0)
+        self.step_ok = finite  # whether this step is applied, for the trainer's skip counters (read at log steps)
+        keep = finite.to(all_grads[0].dtype)
+        _sanitize(self.grad_buffers or all_grads)
+        momenta = {}  # m for an applied step, 1 for a skipped one, in the parameters' dtype (exactly m when kept)
+        for (group, params, grads, bufs), (w_norm, g_norm) in zip(work, norms):
+            lr, m = group["lr"], group["momentum"]
+            if m not in momenta:
+                momenta[m] = torch.where(finite, keep.new_full((), m), 1.0)
+            scales = None
+            if group["lars"]:
+                # lr·trust·keep per tensor, (P,), handed out as 0-d tensor views: no value reaches the host.
+                scales = (lr * _trust(w_norm, g_norm, group["trust_coefficient"], group["eps"]) * keep).unbind(0)
+            apply = _apply_foreach if group["foreach"] else _apply_loop
+            apply(params, grads, bufs, scales, lr=lr, momentum=momenta[m], keep=keep)
         return loss

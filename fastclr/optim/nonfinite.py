@@ -1,9 +1,10 @@
-"""Steps whose gradients hold inf/NaN: skipped and counted; too many in a row stop the run.
+"""Steps whose gradients hold inf/NaN: skipped on the device, counted on the device, judged at log steps.
 
-After the gradient all-reduce every rank holds the same gradients, so every rank decides the same. A skipped step
-drops the gradients, and LARS (which passes over parameters without a gradient) leaves parameters and momentum as
-they were. fp16 is left to the loss scaler, which skips overflowing steps itself and halves its scale; its skips
-are counted from the scale.
+The optimizer decides each step without the host (``LARS.step_ok``: every gradient finite, no fp16 overflow; a
+skipped step leaves parameters and momentum as they were). After the all-reduce every rank holds the same gradients,
+so every rank decides the same. This module keeps the tallies as device tensors and reads them only where the loop
+syncs anyway — log steps and checkpoints: too many skipped steps in a row then stop the run, and no checkpoint is
+written in the middle of a streak (the batch that overflowed also went through BN's running statistics).
 """
 from __future__ import annotations
 
@@ -14,25 +15,37 @@ import torch
 log = logging.getLogger(__name__)
 
 
-class NonfiniteGuard:
-    def __init__(self, max_in_row: int, checkpoint_dir: str):
+class SkippedSteps:
+    def __init__(self, device, max_in_row: int, checkpoint_dir: str):
         self.max_in_row, self.checkpoint_dir = max_in_row, checkpoint_dir
-        self.in_row = 0
+        self.total, self.streak, self.worst = (torch.zeros((), dtype=torch.int64, device=device) for _ in range(3))
+        self._seen = 0
 
-    def skip(self, params: list[torch.nn.Parameter], step: int, skipped_so_far: int) -> bool:
-        """True (gradients dropped) if any gradient is non-finite. One host sync, as a loss scaler has."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
-            self.in_row = 0
-            return False
-        for p in params:
-            p.grad = None
-        self.in_row += 1
-        log.info(f"step {step + 1}: non-finite gradients, step skipped ({self.in_row} in a row, "
-                 f"{skipped_so_far + 1} in all)")
-        if self.in_row >= self.max_in_row:
+    def reset(self, total: int) -> None:
+        """Continue a resumed run's count (a checkpoint is never taken inside a streak)."""
+        self.total.fill_(total)
+        self.streak.zero_()
+        self.worst.zero_()
+        self._seen = total
+
+    def update(self, ok: torch.Tensor) -> None:
+        """After each step, on the device: ``ok`` is the optimizer's verdict (0-d bool)."""
+        bad = (~ok).to(torch.int64)
+        self.total += bad
+        self.streak.add_(1).mul_(bad)  # +1 on a skipped step, back to 0 on an applied one
+        torch.maximum(self.worst, self.streak, out=self.worst)
+
+    def check(self, step: int) -> tuple[int, int]:
+        """(skipped in all, skipped in a row now), read on the host; stops the run after too many in a row."""
+        total, streak, worst = (int(t) for t in torch.stack([self.total, self.streak, self.worst]).tolist())
+        if total > self._seen:
+            log.info(f"step {step}: {total - self._seen} step(s) skipped for non-finite gradients since the last log "
+                     f"({streak} in a row now, {total} in all)")
+        self._seen = total
+        self.worst.copy_(self.streak)
+        if worst >= self.max_in_row:
             raise FloatingPointError(
-                f"{self.in_row} steps in a row had non-finite gradients (train.max_nonfinite_steps={self.max_in_row}); "
+                f"{worst} steps in a row had non-finite gradients (train.max_nonfinite_steps={self.max_in_row}); "
                 f"stopping without saving. The last complete checkpoint in {self.checkpoint_dir} is intact: lower "
                 "optim.base_lr or check the data, then resume.")
-        return True
+        return total, streak

@@ -57,14 +57,28 @@ def peak_lr(base_lr: float, global_batch: int, rule: str) -> float:
     return base_lr if rule == "none" else scaled_lr(base_lr, global_batch, rule)
 
 
+def cosine_progress(step: int, *, total_steps: int, warmup_steps: int) -> float:
+    """Where ``step`` lies on :func:`lr_at`'s cosine: 0 at its peak (and during warm-up), 1 from its last step on."""
+    start = max(warmup_steps - 1, 0)
+    span = total_steps - 1 - start
+    return 1.0 if span <= 0 else min(max(step - start, 0), span) / span
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """A run's LR schedule: ``schedule(step)`` is :func:`lr_at` with the run's lengths and rates."""
+    """A run's LR schedule: ``schedule(step)`` is :func:`lr_at` with the run's lengths and rates.
+
+    ``rescaled(step, total)`` keeps the steps up to ``step`` and fits the rest of the same cosine curve into the new
+    length (a time budget re-planning with the speed it measured): the LR stays continuous and the curve still ends at
+    ``final_lr`` on the last step. After such a change (``bend_step`` > 0) the cosine's progress runs linearly from
+    ``bend_progress`` at ``bend_step`` to 1 at ``total_steps − 1``."""
 
     total_steps: int
     warmup_steps: int
     peak_lr: float
     final_lr: float
+    bend_step: int = 0
+    bend_progress: float = 0.0
 
     @classmethod
     def of(cls, cfg, steps_per_epoch: int, global_batch: int) -> "Schedule":
@@ -74,6 +88,27 @@ class Schedule:
                    peak_lr=peak_lr(cfg.optim.base_lr, global_batch, cfg.optim.lr_scaling),
                    final_lr=cfg.optim.final_lr)
 
+    def progress(self, step: int) -> float:
+        """The cosine's progress at ``step``: 0 at the peak, 1 from the last step on. Before ``bend_step`` it is
+        interpolated between the peak and the bend (exactly the earlier curve after one rescale)."""
+        if self.bend_step <= 0:
+            return cosine_progress(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps)
+        if step < self.bend_step:
+            start = max(self.warmup_steps - 1, 0)
+            return self.bend_progress * max(step - start, 0) / max(self.bend_step - start, 1)
+        span = self.total_steps - 1 - self.bend_step
+        done = 1.0 if span <= 0 else min(step - self.bend_step, span) / span
+        return self.bend_progress + (1.0 - self.bend_progress) * done
+
     def __call__(self, step: int) -> float:
-        return lr_at(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, peak_lr=self.peak_lr,
-                     final_lr=self.final_lr)
+        if self.bend_step <= 0 or step < self.warmup_steps:
+            return lr_at(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, peak_lr=self.peak_lr,
+                         final_lr=self.final_lr)
+        return self.final_lr + 0.5 * (self.peak_lr - self.final_lr) * (1 + math.cos(math.pi * self.progress(step)))
+
+    def rescaled(self, step: int, total_steps: int) -> "Schedule":
+        """Steps before ``step`` as they were; from ``step`` on, the rest of the cosine over ``total_steps``."""
+        if not (step >= self.warmup_steps and total_steps > step):
+            raise ValueError(f"a schedule can be rescaled after its warm-up ({self.warmup_steps} steps) to a length "
+                             f"beyond the step ({step}), got step {step} and {total_steps} steps")
+        return Schedule(total_steps, self.warmup_steps, self.peak_lr, self.final_lr, step, self.progress(step))

@@ -1,7 +1,8 @@
 """Slurm: from the SLURM_* environment to a DeepSpeed world, the launch command, and the requeue call.
 
     python -m fastclr.slurm plan [--dry-run] [--recipe R] [--mode rank|deepspeed] [key=value ...]   # batch shell
-    python -m fastclr.slurm exec --mode M --gpus-per-node G --master-port P -- SCRIPT [ARGS ...]      # every task
+    python -m fastclr.slurm exec --mode M --gpus-per-node G --master-port P --master-addr A -- SCRIPT [ARGS ...]
+    python -m fastclr.slurm progress --since T [--recipe R] [key=value ...]   # after a failed start: a new checkpoint?
 
 ``plan`` runs once in the batch script: it resolves the node list, ranks and master address/port, checks the recipe
 against that world size, prints all of it and replaces itself with ``srun``. ``srun`` starts ``exec`` in every task;
@@ -26,17 +27,22 @@ LOCAL_RANK=SLURM_LOCALID, WORLD_SIZE=SLURM_NTASKS and runs ``python launchers/pr
 
 ``deepspeed``: one task per node running DeepSpeed's launcher with ``--no_ssh --node_rank=SLURM_NODEID`` and a
 hostfile written on the node, i.e. exactly what ``deepspeed launchers/pretrain.py`` does on one machine, repeated on
-every node. To make it preemption-safe, ``exec`` sets SIGUSR1 to "ignore" before starting the launcher: an ignored
-disposition survives ``exec`` and ``fork``, so the launchers ignore the signal while the trainer, which installs its
-own handler, still receives it. SIGTERM still goes through ``launch.py``'s handler (see above).
+every node. To make it preemption-safe, ``exec`` blocks SIGUSR1 before starting the launcher: a blocked signal stays
+pending through ``exec`` and ``fork``, so the launchers never act on it while the trainer, which unblocks it once its
+own handler is installed, still receives it — even one sent during start-up. SIGTERM still goes through
+``launch.py``'s handler (see above).
+
+``plan`` also decides where rank 0 listens (the first node's name, or its NodeAddr from ``scontrol show node`` when
+the name does not resolve) and gives ``srun`` ``--wait=<distributed.timeout>``: once one task has ended, a peer that
+hangs is killed that much later instead of holding the allocation.
 """
 from __future__ import annotations
 
 from ..preemption import PREEMPTED_EXIT_CODE
-from .launch import (DEFAULT_MODE, MODES, PRETRAIN_SCRIPT, deepspeed_command, describe, launch_command, rank_env,
-                     requeue, task_command, trainer_args)
+from .launch import (DEFAULT_MODE, MODES, PRETRAIN_SCRIPT, deepspeed_command, describe, launch_command,
+                     node_address, rank_env, requeue, task_command, trainer_args)
 from .world import (SlurmError, SlurmWorld, default_master_port, expand_nodelist, hostfile_text, parse_gpu_count)
 
 __all__ = ["DEFAULT_MODE", "MODES", "PREEMPTED_EXIT_CODE", "PRETRAIN_SCRIPT", "SlurmError", "SlurmWorld",
            "default_master_port", "deepspeed_command", "describe", "expand_nodelist", "hostfile_text", "launch_command",
-           "parse_gpu_count", "rank_env", "requeue", "task_command", "trainer_args"]
+           "node_address", "parse_gpu_count", "rank_env", "requeue", "task_command", "trainer_args"]

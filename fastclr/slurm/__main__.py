@@ -1,4 +1,5 @@
-"""``python -m fastclr.slurm plan|exec``: the two steps of a Slurm launch (see the package docstring)."""
+"""``python -m fastclr.slurm plan|exec|progress``: the two steps of a Slurm launch (see the package docstring), and
+the batch script's question after a failed start: was a checkpoint completed since it began?"""
 from __future__ import annotations
 
 import argparse
@@ -7,24 +8,27 @@ import os
 import signal
 import sys
 import tempfile
+from dataclasses import replace
 from typing import Sequence
 
-from .launch import DEFAULT_MODE, DEFAULT_RECIPE, MODES, PRETRAIN_SCRIPT, describe, launch_command, task_command, trainer_args
+from .launch import (DEFAULT_MODE, DEFAULT_RECIPE, MODES, PRETRAIN_SCRIPT, describe, launch_command, node_address,
+                     task_command, trainer_args)
 from .world import SlurmError, SlurmWorld, hostfile_text
 
 
-def _check_recipe(recipe: str, overrides: Sequence[str], world: SlurmWorld) -> str:
-    """Fail in the batch shell, naming the field, rather than in every rank after the allocation started."""
+def _check_recipe(recipe: str, overrides: Sequence[str], world: SlurmWorld):
+    """Fail in the batch shell, naming the field, rather than in every rank after the allocation started; (the
+    batch arithmetic as text, the config)."""
     from ..config import load_config, missing_paths, validate_run
 
     cfg = load_config(recipe, overrides)
-    # cuda=True: the compute nodes have GPUs even when this shell cannot see them; the GPU-only checks then pass and
-    # the trainer repeats them with the real device. Likewise data mounted on the compute nodes only: a warning here,
-    # the ranks' own check fails before any compute if a path is really missing.
-    plan = validate_run(cfg, world.world_size, cuda=True, local_files=False)
+    # cuda=None: the ranks' device is not known in this shell (a CPU batch node may drive GPU ranks, or gloo
+    # ranks); the device checks are the ranks' own, before any compute. Likewise data mounted on the compute nodes
+    # only: a warning here, the ranks' own check fails before any compute if a path is really missing.
+    plan = validate_run(cfg, world.world_size, cuda=None, local_files=False)
     warnings = "".join(f"warning: {name} '{path}' is not visible on this node\n" for name, path in missing_paths(cfg))
     return (f"{warnings}batch: global {plan.global_batch} = micro {plan.micro_batch} x accumulation "
-            f"{plan.accumulation} x world {plan.world_size}")
+            f"{plan.accumulation} x world {plan.world_size}"), cfg
 
 
 def _plan_main(argv: Sequence[str]) -> int:
@@ -36,12 +40,16 @@ def _plan_main(argv: Sequence[str]) -> int:
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="override the GPUs per node read from SLURM_GPUS_* (on CPU nodes: ranks per node)")
     p.add_argument("--master-port", type=int, default=None, help="override the port derived from SLURM_JOB_ID")
+    p.add_argument("--master-addr", default=None,
+                   help="override where rank 0 listens (default: the first node's name, or its NodeAddr when the "
+                        "name does not resolve)")
     p.add_argument("--script", default=PRETRAIN_SCRIPT, help="training entry point (default: %(default)s)")
     p.add_argument("overrides", nargs="*", help="section.field=value, passed to the trainer")
     a = p.parse_intermixed_args(argv)
     world = SlurmWorld.from_env(gpus_per_node=a.gpus_per_node, master_port=a.master_port)
-    batch = _check_recipe(a.recipe, a.overrides, world)
-    cmd = launch_command(world, a.recipe, a.overrides, a.mode, a.script)
+    batch, cfg = _check_recipe(a.recipe, a.overrides, world)
+    world = replace(world, master_host=a.master_addr or node_address(world.nodes[0]))
+    cmd = launch_command(world, a.recipe, a.overrides, a.mode, a.script, wait_s=cfg.distributed.timeout)
     print(describe(world, a.mode, cmd, trainer_args(a.recipe, a.overrides, a.script)))
     print(batch, flush=True)
     if a.dry_run:
@@ -64,10 +72,11 @@ def _exec_main(argv: Sequence[str]) -> int:
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
     p.add_argument("--gpus-per-node", type=int, default=None)
     p.add_argument("--master-port", type=int, default=None)
+    p.add_argument("--master-addr", default=None)
     a = p.parse_args(own)
     if not command:
         raise SlurmError("exec: no training command after '--'")
-    world = SlurmWorld.from_env(gpus_per_node=a.gpus_per_node, master_port=a.master_port)
+    world = SlurmWorld.from_env(gpus_per_node=a.gpus_per_node, master_port=a.master_port, master_addr=a.master_addr)
     slurmd_node = os.environ.get("SLURMD_NODENAME")
     if slurmd_node and slurmd_node != world.node:
         # MASTER_ADDR and the hostfile assume SLURM_NODEID indexes the expanded node list; if it does not, rank 0
@@ -87,10 +96,11 @@ def _exec_main(argv: Sequence[str]) -> int:
         if key == "OMP_NUM_THREADS" and key in env:
             continue  # the user's explicit setting wins
         env[key] = value
-    # Until the trainer installs its SIGUSR1 handler (imports, model build) an early signal is dropped instead of
-    # killing the rank; in mode deepspeed the ignored disposition also keeps both DeepSpeed launchers alive. A
-    # disposition of "ignore" is inherited through fork and exec; an installed handler replaces it.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # Until the trainer installs its SIGUSR1 handler (imports, model build, resume) an early signal must neither
+    # kill the rank nor be lost: Slurm sends its time-limit warning once. A blocked signal stays pending through fork
+    # and exec; the trainer unblocks it with its handler in place (fastclr.preemption.StopSignals). In mode deepspeed
+    # both DeepSpeed launchers keep it blocked, so the signal that asks for a checkpoint cannot kill them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     sys.stdout.flush()
     try:
         os.execvpe(cmd[0], cmd, env)
@@ -98,9 +108,31 @@ def _exec_main(argv: Sequence[str]) -> int:
         raise SlurmError(f"cannot start '{cmd[0]}': {e}") from None
 
 
+def _progress_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastclr.slurm progress",
+                                description="Exit 0 printing its tag if a checkpoint of the recipe was completed after "
+                                            "--since (Unix time), else 1: did a failed start make progress?")
+    p.add_argument("--since", type=float, required=True)
+    p.add_argument("--recipe", default=DEFAULT_RECIPE)
+    for hidden in ("--mode", "--gpus-per-node", "--master-port", "--master-addr", "--script"):  # plan's, passed along
+        p.add_argument(hidden, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_intermixed_args(argv)
+    from ..checkpoint import COMPLETE, complete_tags
+    from ..config import load_config
+
+    ckpt_dir = load_config(a.recipe, a.overrides).checkpoint.dir
+    tags = complete_tags(ckpt_dir)
+    if tags and os.path.getmtime(os.path.join(ckpt_dir, tags[-1][1], COMPLETE)) > a.since:
+        print(tags[-1][1])
+        return 0
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"plan": _plan_main, "exec": _exec_main}
+    commands = {"plan": _plan_main, "exec": _exec_main, "progress": _progress_main}
     if not argv or argv[0] not in commands:
         print(__doc__.split("\n\n")[0], file=sys.stderr)
         print(f"fastclr.slurm: error: choose a command: {', '.join(commands)}", file=sys.stderr)

@@ -3,8 +3,11 @@ the human-readable plan."""
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import shlex
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -36,8 +39,10 @@ def trainer_args(recipe: str | None = None, overrides: Sequence[str] = (), scrip
 
 
 def launch_command(world: SlurmWorld, recipe: str | None = None, overrides: Sequence[str] = (),
-                   mode: str = DEFAULT_MODE, script: str = PRETRAIN_SCRIPT, python: str = sys.executable) -> list[str]:
-    """The ``srun`` command the batch script runs: one task per rank (mode rank) or per node (mode deepspeed)."""
+                   mode: str = DEFAULT_MODE, script: str = PRETRAIN_SCRIPT, python: str = sys.executable,
+                   wait_s: float | None = None) -> list[str]:
+    """The ``srun`` command the batch script runs: one task per rank (mode rank) or per node (mode deepspeed).
+    ``wait_s`` (the recipe's distributed.timeout): how long the other tasks may run on once one has ended."""
     _check_mode(mode)
     per_node = world.gpus_per_node if mode == "rank" else 1
     cpus = world.cpus_per_task if mode == "rank" else (
@@ -46,16 +51,39 @@ def launch_command(world: SlurmWorld, recipe: str | None = None, overrides: Sequ
            f"--ntasks-per-node={per_node}",
            # block: task i·G+j on node i, the layout `plan` prints and `exec` checks.
            "--distribution=block",
-           # A rank exits 3 after its checkpoint; killing its peers then could cut their part of the write short,
-           # and srun would report the kill instead of the 3. A crashed rank still ends the step: its peers fail
-           # their next collective.
+           # Rank 0 calls `scontrol requeue` after every rank has exited its checkpoint's last barrier with 3; a
+           # peer that exits 3 first must not get rank 0 killed before that call. A crashed rank still ends the
+           # step: its peers fail their next collective.
            "--kill-on-bad-exit=0"]
+    if wait_s:
+        # Once a task has ended, the others get distributed.timeout to end too, then srun kills them: a rank that
+        # hangs (SIGSTOP, stuck I/O) would otherwise hold the allocation after its peers timed out and left.
+        cmd.append(f"--wait={max(1, math.ceil(wait_s))}")
     if cpus:
         # srun no longer inherits the job's --cpus-per-task (Slurm >= 22.05): say it again for the step.
         cmd.append(f"--cpus-per-task={cpus}")
     cmd += [python, "-u", "-m", "fastclr.slurm", "exec", "--mode", mode, "--gpus-per-node", str(world.gpus_per_node),
-            "--master-port", str(world.master_port), "--"]
+            "--master-port", str(world.master_port), "--master-addr", world.master_addr, "--"]
     return cmd + trainer_args(recipe, overrides, script)
+
+
+def node_address(node: str, runner: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> str:
+    """Where ``node`` is reached: its name if it resolves (the usual cluster DNS), else Slurm's NodeAddr for it
+    (``scontrol show node``), as on a cluster whose node names are Slurm's own (the local cluster: node1, node2)."""
+    try:
+        socket.getaddrinfo(node, None)
+        return node
+    except OSError:
+        pass
+    try:
+        out = runner(["scontrol", "show", "node", "-o", node], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SlurmError(f"node '{node}' does not resolve and `scontrol show node` failed: {e}") from None
+    addr = re.search(r"\bNodeAddr=(\S+)", out.stdout or "")
+    if out.returncode != 0 or not addr or addr.group(1) in ("(null)", ""):
+        raise SlurmError(f"node '{node}' does not resolve, and `scontrol show node {node}` gives no NodeAddr "
+                         f"({(out.stderr or out.stdout or '').strip()[:200]}); pass --master-addr")
+    return addr.group(1)
 
 
 def rank_env(world: SlurmWorld) -> dict[str, str]:
@@ -102,7 +130,8 @@ def task_command(world: SlurmWorld, mode: str, args: Sequence[str], hostfile: st
 
 def requeue(env: Mapping[str, str] = os.environ,
             runner: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> bool:
-    """Put this job back in the queue (``scontrol requeue $SLURM_JOB_ID``); True if Slurm accepted. Never raises.
+    """Put this job back in the queue if it is still running (``scontrol requeue Incomplete $SLURM_JOB_ID``); True
+    if Slurm accepted. Never raises.
 
     Requeueing a running job makes Slurm end it at once (SIGTERM to every step, SIGKILL after KillWait) before it
     goes back to pending, so call this from one rank only (rank 0), after the checkpoint is complete on every rank,
@@ -112,7 +141,10 @@ def requeue(env: Mapping[str, str] = os.environ,
     if not job:
         log.info("not requeueing: SLURM_JOB_ID is not set (not running under Slurm)")
         return False
-    cmd = ["scontrol", "requeue", job]
+    # Incomplete: only a job that is still running (the time-limit warning, a preemption notice). A job the user
+    # cancelled is completing while its ranks checkpoint, and a plain requeue would bring it back (measured on Slurm
+    # 22.05: scancel, then `scontrol requeue` from the exiting rank, and the job ran again).
+    cmd = ["scontrol", "requeue", "Incomplete", job]
     try:
         result = runner(cmd, capture_output=True, text=True, timeout=60)
     except Exception as e:  # a missing scontrol or a hung controller must not stop the trainer from exiting
@@ -122,7 +154,7 @@ def requeue(env: Mapping[str, str] = os.environ,
         log.warning("requeue of job %s failed (scontrol exit %s): %s", job, result.returncode,
                     (result.stderr or result.stdout or "").strip())
         return False
-    log.info("job %s requeued", job)
+    log.info("job %s requeued (unless it had stopped running: a cancelled job stays cancelled)", job)
     return True
 
 

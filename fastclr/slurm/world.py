@@ -159,6 +159,8 @@ class SlurmWorld:
     tasks_per_node: int | None = None
     """Tasks per node of the job: how many tasks its ``--cpus-per-task`` is counted for."""
     restart_count: int = 0
+    master_host: str | None = None
+    """Where rank 0 listens, when not the first node's name (a name that does not resolve: its NodeAddr)."""
 
     def __post_init__(self):
         if not self.nodes:
@@ -173,8 +175,9 @@ class SlurmWorld:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, gpus_per_node: int | None = None,
-                 master_port: int | None = None) -> "SlurmWorld":
-        """Read the job from SLURM_* variables; ``gpus_per_node``/``master_port`` override what they imply."""
+                 master_port: int | None = None, master_addr: str | None = None) -> "SlurmWorld":
+        """Read the job from SLURM_* variables; ``gpus_per_node``/``master_port``/``master_addr`` override what they
+        imply."""
         env = os.environ if env is None else env
         job_id = _int_env(env, "SLURM_JOB_ID", True)
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
@@ -194,7 +197,7 @@ class SlurmWorld:
                    ntasks=_int_env(env, "SLURM_NTASKS", False),
                    cpus_per_task=_int_env(env, "SLURM_CPUS_PER_TASK", False),
                    tasks_per_node=_tasks_per_node(env),
-                   restart_count=_int_env(env, "SLURM_RESTART_COUNT", False) or 0)
+                   restart_count=_int_env(env, "SLURM_RESTART_COUNT", False) or 0, master_host=master_addr)
 
     @property
     def num_nodes(self) -> int:
@@ -207,7 +210,7 @@ class SlurmWorld:
     @property
     def master_addr(self) -> str:
         """The first node: it hosts global rank 0, whose TCP store every rank dials."""
-        return self.nodes[0]
+        return self.master_host or self.nodes[0]
 
     @property
     def node(self) -> str:

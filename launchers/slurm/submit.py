@@ -2,6 +2,8 @@
 
     python launchers/slurm/submit.py --recipe launchers/configs/imagenet_resnet50_bs4096.yaml \
         --nodes 8 --gpus-per-node 8 --time 24:00:00 [--partition P] [--account A] [--dry-run] [key=value ...]
+    python launchers/slurm/submit.py --recipe default --nodes 2 --gpus-per-node 1 --cpu --cpus-per-task 1 \
+        --time 10:00                                 # CPU nodes (gloo), e.g. launchers/slurm/local_cluster.sh's
 
 Loads the recipe with the overrides, checks that the global batch divides into nodes × GPUs ranks (the same checks
 the trainer runs before any compute), prints the batch arithmetic and the peak LR, and runs `sbatch
@@ -28,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--recipe", required=True, help="YAML recipe, e.g. launchers/configs/imagenet_resnet50_bs4096.yaml")
     p.add_argument("--nodes", type=int, required=True, help="number of nodes")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (= ranks) per node (default: %(default)s)")
+    p.add_argument("--cpu", action="store_true",
+                   help="CPU nodes (gloo): ask Slurm for no GPUs; --gpus-per-node then counts the ranks per node")
     p.add_argument("--time", default="24:00:00",
                    help="wall-clock limit per start, Slurm syntax (default: %(default)s); the job checkpoints about "
                         "5 minutes before it and requeues itself")
@@ -58,13 +62,18 @@ def sbatch_command(a, recipe: str, cpus_per_rank: int, log_dir: str) -> list[str
     the arguments it hands to `python -m fastclr.slurm plan`."""
     per_node, cpus = (a.gpus_per_node, cpus_per_rank) if a.mode == "rank" else (1, cpus_per_rank * a.gpus_per_node)
     name = a.job_name or "fastclr-" + os.path.splitext(os.path.basename(recipe))[0]
+    # A CPU partition has no GPU gres to give (sbatch refuses the batch script's default --gpus-per-node=8 there;
+    # 0 is accepted): the ranks per node then travel as the batch script's own --gpus-per-node, which
+    # `python -m fastclr.slurm plan` reads instead of SLURM_GPUS_*.
+    gpus = [f"--gpus-per-node={0 if a.cpu else a.gpus_per_node}"]
+    plan = ["--gpus-per-node", str(a.gpus_per_node)] if a.cpu else []
     cmd = ["sbatch", f"--job-name={name}", f"--nodes={a.nodes}", f"--ntasks-per-node={per_node}",
-           f"--gpus-per-node={a.gpus_per_node}", f"--cpus-per-task={cpus}", f"--time={a.time}",
+           *gpus, f"--cpus-per-task={cpus}", f"--time={a.time}",
            f"--output={os.path.join(log_dir, 'slurm-%j.out')}", f"--chdir={ROOT}",
            f"--export=ALL,FASTCLR_ROOT={ROOT}"]
     cmd += [f"--{k.replace('_', '-')}={v}" for k in ("partition", "account", "qos") if (v := getattr(a, k))]
     cmd += a.sbatch_arg
-    return cmd + [SBATCH_SCRIPT, "--recipe", recipe, "--mode", a.mode, *a.overrides]
+    return cmd + [SBATCH_SCRIPT, "--recipe", recipe, "--mode", a.mode, *plan, *a.overrides]
 
 
 def main(argv=None) -> int:
@@ -77,7 +86,7 @@ def main(argv=None) -> int:
         recipe = os.path.abspath(recipe_path(a.recipe))
         cfg = load_config(recipe, a.overrides)
         # The data may be mounted on the compute nodes only: missing paths are warned about below, not refused.
-        plan = validate_run(cfg, world, cuda=True, local_files=False)
+        plan = validate_run(cfg, world, cuda=None, local_files=False)  # the ranks check the device
     except ConfigError as e:
         print(f"submit.py: error: {e}", file=sys.stderr)
         return 2
@@ -86,7 +95,8 @@ def main(argv=None) -> int:
             "sqrt": f"{cfg.optim.base_lr:g} x sqrt({plan.global_batch})", "none": "base LR as is"}[cfg.optim.lr_scaling]
     cpus = a.cpus_per_task or cfg.data.num_threads + 2
     log_dir = cfg.logging.dir if os.path.isabs(cfg.logging.dir) else os.path.join(ROOT, cfg.logging.dir)
-    print(f"world: {a.nodes} node(s) x {a.gpus_per_node} GPU(s) = {world} ranks, mode {a.mode}, {cpus} CPUs per rank")
+    unit = "CPU rank(s)" if a.cpu else "GPU(s)"
+    print(f"world: {a.nodes} node(s) x {a.gpus_per_node} {unit} = {world} ranks, mode {a.mode}, {cpus} CPUs per rank")
     print(f"batch: global {plan.global_batch} = micro {plan.micro_batch} x accumulation {plan.accumulation} "
           f"x world {world}")
     print(f"peak LR: {lr:.4g} ({cfg.optim.lr_scaling}: {rule}); set by the global batch, not by the node count")

@@ -199,3 +199,31 @@ def test_data_check_command_line(mixed_folder, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "fastclr", "data", "check", str(tmp_path / "nowhere")],
                              capture_output=True, text=True, cwd=os.path.join(os.path.dirname(__file__), "..", ".."))
     assert missing.returncode == 2 and "nowhere" in missing.stderr
+
+
+def test_images_the_gpu_decoder_refuses_are_fed_as_png_with_the_same_pixels(mixed_folder, monkeypatch):
+    """A stream the CPU decoder reads but the GPU (nvJPEG) decoder refuses: the loader's recovery decodes it on the
+    CPU and feeds the same pixels as PNG. The GPU verdict is simulated here (no GPU): every ``cmyk``/``progressive``
+    file is 'refused'; the recovery itself, the re-encoding and the pipeline are the real ones."""
+    import fastclr.data.loader as loader_module
+    from fastclr.data.screen import _decoder, as_png
+
+    root, bad_paths, _ = mixed_folder
+    source = folder_source(root)
+    refused = {i for i, p in enumerate(source.paths) if any(k in p for k in ("cmyk", "progressive"))}
+    assert len(refused) == 2
+    for i in refused:
+        original = source.read(np.array([i]))[0]
+        assert np.array_equal(_decoder.pixels(as_png(original))[0], _decoder.pixels(original)[0])
+    cfg = DataConfig(dataset="folder", path=root, eval_path=root, image_size=16, augment=IDENTITY)
+    loader = TrainLoader(source, cfg, batch_size=len(source) // 2, device=CPU)
+    monkeypatch.setattr(loader_module, "decodes_on_gpu",
+                        lambda buf, device_id: "refused" if any(np.array_equal(buf, source.read(np.array([i]))[0])
+                                                                for i in refused) else None)
+    loader._device_id = 0  # what a GPU loader has; only _blame reads it here
+    found = loader._blame(0, 2)
+    loader._device_id = None
+    assert set(loader.reencoded) == refused and found >= len(refused)
+    assert not any(i in refused for i in loader.bad.bad)  # not bad: fed as PNG instead
+    batches = list(loader)
+    assert len(batches) == 2 and all(torch.isfinite(a).all() for a, _ in batches)

@@ -195,3 +195,22 @@ def test_build_source_splits_and_missing_eval_path(cifar_train_dir, cifar_test_d
     with pytest.raises(FileNotFoundError, match="no-such-dir"):
         build_source(DataConfig(dataset="folder", path=cifar_train_dir + "/no-such-dir"), "train")
 
+
+
+def test_auto_reads_each_path_as_what_it_is(tmp_path, cifar_train_dir, cifar_test_dir):
+    """data.dataset=auto: a tar, a folder of class folders, a file list — the CIFAR quick recipe's paths work as
+    tar members and as extracted folders alike."""
+    from fastclr.data.sources import detect_kind
+
+    tar = tmp_path / "train.tar"
+    with tarfile.open(tar, "w") as tf:
+        tf.add(cifar_train_dir, arcname="train")
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p} 0\n" for p in sorted(__import__("glob").glob(f"{cifar_test_dir}/*/*.jpg"))))
+    assert detect_kind(str(tar)) == "tar" and detect_kind(str(tmp_path / "*.tar")) == "tar"
+    assert detect_kind(cifar_train_dir) == "folder" and detect_kind(str(listing)) == "filelist"
+    as_tar = build_source(DataConfig(dataset="auto", path=str(tar), eval_path=cifar_test_dir), "train")
+    as_folder = build_source(DataConfig(dataset="auto", path=cifar_train_dir, eval_path=cifar_test_dir), "train")
+    assert len(as_tar) == len(as_folder) == 300 and list(as_tar.labels) == list(as_folder.labels)
+    test = build_source(DataConfig(dataset="auto", path=cifar_train_dir, eval_path=cifar_test_dir), "test")
+    assert test.classes == as_folder.classes

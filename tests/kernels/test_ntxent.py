@@ -82,3 +82,75 @@ def test_row_subset_against_global_columns_matches_tiled():
     got = _ntxent_triton(rows.to(DEVICE), cols.to(DEVICE), offset, 40, 0.2).item()
     want = ntxent_tiled(rows, cols, offset, 40, 0.2).item()
     assert abs(got - want) <= 1e-5 * max(abs(want), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+# Extra negative columns (SimCLR v2's memory queue): the kernels' columns span batch + queue
+
+
+def _queue(q, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(q, d, generator=g, dtype=torch.float64), dim=1).float()
+
+
+def _run_queue(z_a, z_b, queue, tau, dtype=torch.float32):
+    a = z_a.to(DEVICE, dtype).requires_grad_(True)
+    b = z_b.to(DEVICE, dtype).requires_grad_(True)
+    loss = nt_xent(a, b, tau, impl="triton", queue=queue.to(DEVICE, dtype))
+    loss.backward()
+    return loss.item(), a.grad.float().cpu(), b.grad.float().cpu()
+
+
+# (1, 3, 5): one sample, so the queue holds every negative (the batch tile has none); Q never a multiple of 32.
+@pytest.mark.parametrize("n, d, q, tau", [(1, 3, 5, 0.1), (2, 16, 1, 0.05), (7, 96, 40, 0.5), (37, 128, 70, 0.1)])
+def test_queue_matches_fp64_reference(n, d, q, tau):
+    z_a, z_b = _case(n, d, 100 * n + d)
+    queue = _queue(q, d, q)
+    ref_loop, _, grad_a, grad_b = reference(z_a, z_b, tau, queue)
+    loss, ga, gb = _run_queue(z_a, z_b, queue, tau)
+    assert abs(loss - ref_loop) / max(abs(ref_loop), 1.0) <= FP32_TOL
+    assert scaled_error(ga, grad_a) <= FP32_TOL and scaled_error(gb, grad_b) <= FP32_TOL
+
+
+def test_queue_with_bf16_inputs():
+    z_a, z_b = _case(29, 64, 11)
+    queue = _queue(45, 64, 12)
+    ref_loop, _, grad_a, grad_b = reference(z_a, z_b, 0.2, queue)
+    loss, ga, gb = _run_queue(z_a, z_b, queue, 0.2, torch.bfloat16)
+    assert abs(loss - ref_loop) / max(abs(ref_loop), 1.0) <= BF16_TOL
+    assert scaled_error(ga, grad_a) <= BF16_TOL and scaled_error(gb, grad_b) <= BF16_TOL
+
+
+def test_empty_queue_is_exactly_no_queue():
+    z_a, z_b = _case(37, 32, 5)
+    plain = _run(z_a, z_b, 0.1)
+    empty = _run_queue(z_a, z_b, torch.empty(0, 32), 0.1)
+    assert plain[0] == empty[0] and torch.equal(plain[1], empty[1]) and torch.equal(plain[2], empty[2])
+
+
+def test_column_gradient_is_formed_for_the_batch_only():
+    """The column-gradient kernel covers the 2N batch columns; the queue (a constant) gets nothing."""
+    from kernels import ntxent as kernel
+
+    z_a, z_b = _case(11, 32, 9)
+    cols = F.normalize(torch.cat([z_a, z_b]), dim=1).to(DEVICE)
+    queue = _queue(50, 32, 10).to(DEVICE).requires_grad_(True)
+    loss, lse, w = kernel.ntxent_forward(cols, cols, queue.detach(), 0, 11, 0.2)
+    d_rows, d_cols = kernel.ntxent_backward(cols, cols, queue.detach(), lse, w, 0, 11, 0.2)
+    assert d_rows.shape == (22, 32) and d_cols.shape == (22, 32)
+    rows = cols.clone().requires_grad_(True)
+    kernel.ntxent(rows, rows, 0, 11, 0.2, queue).backward()
+    assert queue.grad is None and torch.isfinite(rows.grad).all()
+
+
+def test_low_precision_dots_return_fp32_gradients():
+    """fp32 inputs multiplied in bf16: the gradients are the fp32 accumulators, not rounded to bf16."""
+    from kernels import ntxent as kernel
+
+    z_a, z_b = _case(13, 48, 4)
+    rows = F.normalize(torch.cat([z_a, z_b]), dim=1).to(DEVICE).requires_grad_(True)
+    kernel.ntxent(rows, rows, 0, 13, 0.2, None, torch.bfloat16).backward()
+    grad = rows.grad
+    assert grad.dtype == torch.float32
+    # bf16 has 8 significant bits: a gradient rounded to it would leave the low 16 bits of every fp32 word zero.
+    assert (grad.view(torch.int32) & 0xFFFF).count_nonzero() > grad.numel() // 2

@@ -45,12 +45,15 @@ def _rel(x: float, ref: float) -> float:
 
 
 def test_reference_gradient_matches_finite_differences():
-    """The fp64 halves form's autograd gradient is the derivative of the loop definition (central differences)."""
+    """The fp64 halves form's autograd gradient is the derivative of the loop definition (central differences),
+    without and with a queue of extra negatives."""
     g = torch.Generator().manual_seed(3)
-    for n in (1, 2, 3):
+    for n, q in ((1, 0), (2, 0), (3, 0), (1, 2), (3, 4)):
         z_a, z_b = torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g,
                                                                                    dtype=torch.float64)
-        loop, halves, grad_a, grad_b = reference(z_a, z_b, 0.3)
+        queue = F.normalize(torch.randn(q, 3, generator=g, dtype=torch.float64), dim=1) if q else None
+        loop_q = None if queue is None else queue.numpy()
+        loop, halves, grad_a, grad_b = reference(z_a, z_b, 0.3, queue)
         assert abs(loop - halves) < 1e-12
         h = 1e-6
         for z, grad, which in ((z_a, grad_a, 0), (z_b, grad_b, 1)):
@@ -61,8 +64,8 @@ def test_reference_gradient_matches_finite_differences():
                 minus[idx] -= h
                 args_p = (plus, z_b) if which == 0 else (z_a, plus)
                 args_m = (minus, z_b) if which == 0 else (z_a, minus)
-                fd[idx] = (loop_loss(*[t.numpy() for t in args_p], 0.3) -
-                           loop_loss(*[t.numpy() for t in args_m], 0.3)) / (2 * h)
+                fd[idx] = (loop_loss(*[t.numpy() for t in args_p], 0.3, loop_q) -
+                           loop_loss(*[t.numpy() for t in args_m], 0.3, loop_q)) / (2 * h)
             torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-8)
 
 
@@ -246,3 +249,88 @@ def test_bad_impl_and_group_are_refused(monkeypatch):
         nt_xent(z, z, group="world")
     with pytest.raises(ValueError, match="block_cols"):
         ntxent_tiled(z, z, 0, 1, 0.1, block_cols=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+# Extra negative columns: SimCLR v2's momentum-encoder memory queue
+
+
+@functools.lru_cache(maxsize=None)
+def _queue_case(n: int, d: int, q: int, tau: float):
+    """Views as in ``_case`` plus a queue of q unit vectors near the first views (keys of a momentum encoder are
+    correlated with the batch), and the fp64 references; cached per shape."""
+    z_a, z_b, _ = _case(n, d, tau)
+    g = torch.Generator().manual_seed(7 * q + d)
+    near = z_a[torch.randint(0, n, (q,), generator=g)] + 1.5 * torch.randn(q, d, generator=g)
+    queue = F.normalize(near.double(), dim=1).float()
+    return z_a, z_b, queue, reference(z_a, z_b, tau, queue)
+
+
+@pytest.mark.parametrize("impl", ["naive", "tiled", "tiled-small-blocks"])
+@pytest.mark.parametrize("tau", [0.05, 0.2])
+@pytest.mark.parametrize("n, d, q", [(1, 3, 5), (2, 128, 1), (7, 64, 33), (255, 96, 1000)])
+def test_queue_matches_fp64_reference(n, d, q, tau, impl, monkeypatch):
+    z_a, z_b, queue, (ref_loop, ref_halves, grad_a, grad_b) = _queue_case(n, d, q, tau)
+    assert _rel(ref_halves, ref_loop) < 1e-12
+    if impl == "tiled-small-blocks":
+        # Prime block sizes: the queue's chunks are partial too, and rows see batch and queue chunks in turn.
+        monkeypatch.setattr(tiled, "DEFAULT_BLOCK_ROWS", 61)
+        monkeypatch.setattr(tiled, "DEFAULT_BLOCK_COLS", 97)
+        impl = "tiled"
+    loss, ga, gb = _loss_and_grads(z_a, z_b, tau, impl, queue=queue)
+    assert _rel(loss.item(), ref_loop) <= FP32_REL
+    assert scaled_error(ga, grad_a) <= FP32_REL and scaled_error(gb, grad_b) <= FP32_REL
+    # The queue columns move what is graded by far more than the tolerance (N = 1: from exactly 0).
+    without, _, wa, _ = reference(z_a, z_b, tau)
+    assert _rel(without, ref_loop) > 100 * FP32_REL or scaled_error(wa, grad_a) > 100 * FP32_REL
+
+
+@pytest.mark.parametrize("impl", ["naive", "tiled"])
+def test_empty_queue_is_exactly_no_queue(impl, monkeypatch):
+    monkeypatch.setattr(tiled, "DEFAULT_BLOCK_COLS", 50)
+    z_a, z_b, _ = _case(63, 32, 0.1)
+    plain = _loss_and_grads(z_a, z_b, 0.1, impl)
+    empty = _loss_and_grads(z_a, z_b, 0.1, impl, queue=torch.empty(0, 32))
+    assert all(torch.equal(x, y) for x, y in zip(plain, empty))
+
+
+@pytest.mark.parametrize("impl", ["naive", "tiled"])
+def test_queue_at_small_temperature(impl, monkeypatch):
+    """τ = 0.01: most exponentials underflow (the tiled floor path), in queue chunks as in batch chunks."""
+    monkeypatch.setattr(tiled, "DEFAULT_BLOCK_COLS", 50)
+    z_a, z_b, queue, (ref_loop, _, grad_a, grad_b) = _queue_case(63, 32, 130, 0.01)
+    loss, ga, gb = _loss_and_grads(z_a, z_b, 0.01, impl, queue=queue)
+    assert _rel(loss.item(), ref_loop) <= FP32_REL
+    assert scaled_error(ga, grad_a) <= FP32_REL and scaled_error(gb, grad_b) <= FP32_REL
+
+
+def test_tiled_custom_backward_gradcheck_with_queue():
+    """fp64 gradcheck of the hand-written backward with queue columns, rows ≠ cols, blocks of 3 × 5 so that batch
+    and queue chunks are both partial; the queue is a constant."""
+    g = torch.Generator().manual_seed(8)
+    n_global, n, offset, d = 6, 2, 3, 4
+    cols = F.normalize(torch.randn(2 * n_global, d, generator=g, dtype=torch.float64), dim=1).requires_grad_(True)
+    rows = F.normalize(torch.randn(2 * n, d, generator=g, dtype=torch.float64), dim=1).requires_grad_(True)
+    queue = F.normalize(torch.randn(7, d, generator=g, dtype=torch.float64), dim=1)
+    fn = lambda r, c: ntxent_tiled(r, c, offset, n_global, 0.3, block_rows=3, block_cols=5, queue=queue)  # noqa
+    assert torch.autograd.gradcheck(fn, (rows, cols))
+
+
+def test_tiled_with_queue_saves_only_linear_memory():
+    n, d, q = 300, 16, 2000
+    z_a = torch.randn(n, d, requires_grad=True)
+    loss = nt_xent(z_a, torch.randn(n, d), 0.1, impl="tiled", queue=F.normalize(torch.randn(q, d), dim=1))
+    saved = loss.grad_fn.saved_tensors
+    assert sum(t.numel() for t in saved) <= (2 * (2 * n) + q) * d + 2 * (2 * n)
+
+
+def test_bad_queues_are_refused():
+    z = torch.randn(3, 4)
+    for queue, error, match in ((torch.randn(5, 3), ValueError, "queue must be \\(Q, d\\)"),
+                                (torch.randn(5), ValueError, "queue must be \\(Q, d\\)"),
+                                (torch.ones(5, 4, dtype=torch.int64), TypeError, "floating-point"),
+                                (torch.randn(5, 4, device="meta"), ValueError, "device"),
+                                (torch.randn(5, 4, requires_grad=True), ValueError, "must not require grad"),
+                                ([[0.0] * 4], TypeError, "queue must be None or a torch.Tensor")):
+        with pytest.raises(error, match=match):
+            nt_xent(z, z, queue=queue)

@@ -16,14 +16,21 @@ def _conv_bn(prefix, conv, bn):
     return [f"{prefix}{conv}.weight"] + [f"{prefix}{bn}.{s}" for s in _BN]
 
 
-RESNET50_KEYS = _conv_bn("", "conv1", "bn1") + [
-    key
-    for stage, blocks in (("layer1", 3), ("layer2", 4), ("layer3", 6), ("layer4", 3))
-    for b in range(blocks)
-    for key in (_conv_bn(f"{stage}.{b}.", "conv1", "bn1") + _conv_bn(f"{stage}.{b}.", "conv2", "bn2")
-                + _conv_bn(f"{stage}.{b}.", "conv3", "bn3")
-                + (_conv_bn(f"{stage}.{b}.downsample.", "0", "1") if b == 0 else []))
-]
+def _bottleneck_keys(layers):
+    """torchvision's Bottleneck ResNet keys (resnet50/101/152 differ only in blocks per stage), minus fc."""
+    return _conv_bn("", "conv1", "bn1") + [
+        key
+        for stage, blocks in zip(("layer1", "layer2", "layer3", "layer4"), layers)
+        for b in range(blocks)
+        for key in (_conv_bn(f"{stage}.{b}.", "conv1", "bn1") + _conv_bn(f"{stage}.{b}.", "conv2", "bn2")
+                    + _conv_bn(f"{stage}.{b}.", "conv3", "bn3")
+                    + (_conv_bn(f"{stage}.{b}.downsample.", "0", "1") if b == 0 else []))
+    ]
+
+
+RESNET50_KEYS = _bottleneck_keys((3, 4, 6, 3))
+RESNET101_KEYS = _bottleneck_keys((3, 4, 23, 3))
+RESNET152_KEYS = _bottleneck_keys((3, 8, 36, 3))
 
 # The stem and the first block written out in full, pinning the order the compact form above expands to.
 RESNET50_HEAD_KEYS = [
@@ -42,6 +49,20 @@ RESNET50_HEAD_KEYS = [
 RESNET50_TAIL_KEYS = ["layer4.2.bn3.weight", "layer4.2.bn3.bias", "layer4.2.bn3.running_mean",
                       "layer4.2.bn3.running_var", "layer4.2.bn3.num_batches_tracked"]
 
+# The SK backbone's stem and first block written out in full (key names documented in fastclr/models/export.py):
+# ResNet-D stem as timm's resnet50d, the 3x3's two paths under torchvision's conv2/bn2, the attention under sk.,
+# the pooled shortcut's conv and BN at downsample.1/.2.
+_BN_KEYS = lambda p: [f"{p}.{s}" for s in _BN]  # noqa: E731
+RESNET50_SK_HEAD_KEYS = (
+    ["conv1.0.weight"] + _BN_KEYS("conv1.1") + ["conv1.3.weight"] + _BN_KEYS("conv1.4") + ["conv1.6.weight"]
+    + _BN_KEYS("bn1")
+    + ["layer1.0.conv1.weight"] + _BN_KEYS("layer1.0.bn1") + ["layer1.0.conv2.weight"] + _BN_KEYS("layer1.0.bn2")
+    + ["layer1.0.sk.fc_reduce.weight"] + _BN_KEYS("layer1.0.sk.bn") + ["layer1.0.sk.fc_select.weight"]
+    + ["layer1.0.conv3.weight"] + _BN_KEYS("layer1.0.bn3")
+    + ["layer1.0.downsample.1.weight"] + _BN_KEYS("layer1.0.downsample.2")
+    + ["layer1.1.conv1.weight"]
+)
+
 
 class _Wrapper(nn.Module):
     """Stands in for DDP / the DeepSpeed engine: the real model under ``.module``."""
@@ -51,8 +72,8 @@ class _Wrapper(nn.Module):
         self.module = module
 
 
-def _simclr(arch="resnet50", width_mult=1.0):
-    backbone = build_backbone(arch, width_mult=width_mult)
+def _simclr(arch="resnet50", width_mult=1.0, sk_ratio=0.0):
+    backbone = build_backbone(arch, width_mult=width_mult, sk_ratio=sk_ratio)
     return SimCLRModel(backbone, ProjectionHead(backbone.feature_dim, 64, 16))
 
 
@@ -63,6 +84,28 @@ def test_resnet50_export_has_exactly_torchvision_keys():
     for model in (_simclr(), _Wrapper(_simclr()), build_backbone("resnet50")):
         state = backbone_state_dict(model)
         assert list(state) == RESNET50_KEYS
+
+
+@pytest.mark.parametrize("arch,keys,entries", [("resnet101", RESNET101_KEYS, 626), ("resnet152", RESNET152_KEYS, 932)])
+def test_deep_resnet_exports_have_exactly_torchvision_keys(arch, keys, entries):
+    # torchvision's resnet101 / resnet152 state_dicts: 626 / 932 entries including fc.weight and fc.bias.
+    assert len(keys) == entries - 2 and len(set(keys)) == len(keys)
+    assert keys[:len(RESNET50_HEAD_KEYS)] == RESNET50_HEAD_KEYS and keys[-len(RESNET50_TAIL_KEYS):] == \
+        RESNET50_TAIL_KEYS
+    model = _simclr(arch, width_mult=0.0625)  # the names do not depend on the width
+    assert list(backbone_state_dict(_Wrapper(model))) == keys
+
+
+def test_sk_export_keys_are_the_documented_ones():
+    state = backbone_state_dict(_simclr("resnet50", width_mult=0.25, sk_ratio=0.0625))
+    keys = list(state)
+    assert keys[:len(RESNET50_SK_HEAD_KEYS)] == RESNET50_SK_HEAD_KEYS
+    assert "conv1.weight" not in state and not any(k.endswith("downsample.0.weight") for k in keys)
+    # 16 blocks, each with one attention: two 1x1 conv weights and a BN's five entries; the paths doubled in conv2.
+    assert sum(k.split(".")[2] == "sk" for k in keys if k.startswith("layer")) == 16 * 7
+    assert state["layer1.0.conv2.weight"].shape == (32, 16, 3, 3)
+    assert state["layer1.0.sk.fc_reduce.weight"].shape == (32, 16, 1, 1)
+    assert state["layer1.0.sk.fc_select.weight"].shape == (32, 32, 1, 1)
 
 
 def test_exported_tensors_are_plain_fp32_cpu_copies():

@@ -11,6 +11,8 @@ EXPECTED_DIM = {
     ("resnet18", 1.0): 512, ("resnet18", 0.25): 128, ("resnet18", 0.1): 51,
     ("resnet34", 1.0): 512, ("resnet34", 0.25): 128, ("resnet34", 0.1): 51,
     ("resnet50", 1.0): 2048, ("resnet50", 0.25): 512, ("resnet50", 0.1): 204,
+    ("resnet101", 1.0): 2048, ("resnet101", 0.25): 512, ("resnet101", 0.1): 204,
+    ("resnet152", 1.0): 2048, ("resnet152", 0.25): 512, ("resnet152", 0.1): 204,
 }
 
 
@@ -31,9 +33,11 @@ def test_output_shape_for_each_arch_stem_and_width(arch, cifar_stem, width_mult)
 
 
 @pytest.mark.parametrize("arch,count", [("resnet18", 11_176_512), ("resnet34", 21_284_672),
-                                        ("resnet50", 23_508_032)])
+                                        ("resnet50", 23_508_032), ("resnet101", 42_500_160),
+                                        ("resnet152", 58_143_808)])
 def test_parameter_count_equals_torchvision_minus_fc(arch, count):
-    # torchvision: 11,689,512 / 21,797,672 / 25,557,032 parameters, fc = 512·1000+1000 or 2048·1000+1000.
+    # torchvision: 11,689,512 / 21,797,672 / 25,557,032 / 44,549,160 / 60,192,808 parameters, fc = 512·1000+1000
+    # or 2048·1000+1000.
     model = build_backbone(arch)
     assert sum(p.numel() for p in model.parameters()) == count
     assert not any(name.startswith("fc.") for name in model.state_dict())
@@ -60,9 +64,9 @@ def test_tiny_width_rounds_every_stage_to_at_least_one_channel():
 
 def test_unknown_arch_names_the_bad_value_and_the_valid_ones():
     with pytest.raises(ValueError) as err:
-        build_backbone("resnet101")
+        build_backbone("resnet200")
     msg = str(err.value)
-    assert "resnet101" in msg and all(a in msg for a in ("resnet18", "resnet34", "resnet50"))
+    assert "resnet200" in msg and all(a in msg for a in ARCHS)
 
 
 def test_norm_layer_is_used_for_every_normalization():
@@ -105,18 +109,20 @@ def test_zero_init_residual_makes_every_block_start_as_identity(arch):
     assert torch.count_nonzero(build_backbone(arch, width_mult=0.25).layer1[0].bn1.weight) > 0
 
 
-def _small_simclr(arch, cifar_stem):
-    backbone = build_backbone(arch, width_mult=0.125, cifar_stem=cifar_stem)
+def _small_simclr(arch, cifar_stem, sk_ratio=0.0):
+    backbone = build_backbone(arch, width_mult=0.125, cifar_stem=cifar_stem, sk_ratio=sk_ratio)
     return SimCLRModel(backbone, ProjectionHead(backbone.feature_dim, 32, 16, num_layers=3))
 
 
-@pytest.mark.parametrize("arch,cifar_stem,size", [("resnet18", True, 32), ("resnet50", False, 64)])
-def test_channels_last_is_kept_through_every_layer(arch, cifar_stem, size):
+@pytest.mark.parametrize("arch,cifar_stem,size,sk_ratio", [("resnet18", True, 32, 0.0), ("resnet50", False, 64, 0.0),
+                                                           ("resnet50", False, 64, 0.0625),
+                                                           ("resnet18", True, 32, 0.0625)])
+def test_channels_last_is_kept_through_every_layer(arch, cifar_stem, size, sk_ratio):
     torch.manual_seed(0)
     # fp64 so that the comparison with the NCHW model at the end is not blurred by rounding that train-mode BN
     # over a tiny batch would amplify.
-    model = _small_simclr(arch, cifar_stem).double()
-    reference = _small_simclr(arch, cifar_stem).double()
+    model = _small_simclr(arch, cifar_stem, sk_ratio).double()
+    reference = _small_simclr(arch, cifar_stem, sk_ratio).double()
     reference.load_state_dict(model.state_dict())
     model = model.to(memory_format=torch.channels_last)
     seen, bad = [], []

@@ -165,13 +165,19 @@ def test_step_never_reads_a_tensor_on_the_host(monkeypatch):
 
 
 # Operator calls are counted by the benchmark's own counter (benchmarks/lars.py), so that this test guards exactly the
-# figure the benchmark reports; it is a few lines with no dependency beyond torch.
+# figure the benchmark reports; it is a few lines with no dependency beyond torch. The gradients sit in flat buckets,
+# as the trainer's all-reduce keeps them (fastclr.allreduce): the non-finite guard sanitizes those few tensors.
 def _dispatches_per_step(arch, foreach):
+    from fastclr.allreduce import GradientBuckets
+
     torch.manual_seed(0)
     model = build_backbone(arch, width_mult=0.125, cifar_stem=True).to(memory_format=torch.channels_last)
     opt = LARS(param_groups(model, 1e-4), lr=1.0, foreach=foreach)
+    buckets = GradientBuckets(model.parameters(), world_size=1, bucket_mb=1e6)
+    opt.grad_buffers = buckets.flat
+    buckets.prepare()
     for p in model.parameters():
-        p.grad = torch.randn_like(p)
+        p.grad.copy_(torch.randn_like(p))
     opt.step()  # the first step also creates the momentum buffers: count a steady-state step
     return count_dispatched_ops(opt.step), len(list(model.parameters()))
 
@@ -250,3 +256,43 @@ def test_state_dict_resume_continues_identically():
 def test_invalid_hyperparameters_are_refused(kwargs, field):
     with pytest.raises(ValueError, match=field):
         LARS([torch.ones(2, requires_grad=True)], **({"lr": 0.1} | kwargs))
+
+
+def test_fp16_loss_scaler_steps_through_lars_on_the_device():
+    """torch.amp.GradScaler hands LARS the scale and the overflow flag (``_step_supports_amp_scaling``): a finite
+    step equals the unscaled step, an overflowing one leaves parameters and momentum and halves the scale, and
+    neither reads a value on the host."""
+    from tests.syncs import HostSyncs
+
+    def setup(scale):
+        torch.manual_seed(0)
+        w = torch.randn(6, 5, requires_grad=True)
+        b = torch.randn(5, requires_grad=True)
+        opt = LARS([{"params": [w]}, {"params": [b], "lars": False}], lr=0.5, weight_decay=1e-3)
+        return w, b, opt
+
+    gw, gb = torch.randn(6, 5), torch.randn(5)
+    w0, b0, plain = setup(1.0)
+    w0.grad, b0.grad = gw.clone(), gb.clone()
+    plain.step()
+
+    w, b, opt = setup(1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # what scaling the loss does first: creates the scale tensor
+    w.grad, b.grad = gw * 1024.0, gb * 1024.0
+    with HostSyncs() as syncs:
+        scaler.step(opt)
+        scaler.update()
+    assert len(syncs) == 0, syncs.report()
+    torch.testing.assert_close(w.detach(), w0.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b.detach(), b0.detach(), rtol=1e-6, atol=1e-7)
+    assert bool(opt.step_ok) and scaler.get_scale() == 1024.0
+
+    before = (w.detach().clone(), b.detach().clone(), opt.state[w]["momentum_buffer"].clone())
+    w.grad, b.grad = gw * 1024.0, gb * 1024.0
+    w.grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert not bool(opt.step_ok) and scaler.get_scale() == 512.0
+    assert torch.equal(w.detach(), before[0]) and torch.equal(b.detach(), before[1])
+    assert torch.equal(opt.state[w]["momentum_buffer"], before[2])

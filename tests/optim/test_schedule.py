@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from fastclr.optim import lr_at, scaled_lr
+from fastclr.optim.schedule import Schedule
 
 
 def test_simclr_scaling_rules_at_4096():
@@ -65,3 +66,29 @@ def test_degenerate_lengths():
 def test_schedule_refuses_bad_arguments(step, kw, field):
     with pytest.raises(ValueError, match=field):
         lr_at(step, **kw)
+
+
+def test_a_rescaled_cosine_is_continuous_and_ends_at_the_final_lr():
+    """A time budget's re-planning: steps up to the bend as before, the rest of the same curve in the new length."""
+    import random
+
+    rng = random.Random(11)
+    for _ in range(50):
+        total, warmup = rng.randint(20, 400), rng.randint(1, 10)
+        s = Schedule(total, warmup, peak_lr=rng.uniform(0.1, 5), final_lr=rng.uniform(0, 0.05))
+        chain = [s]
+        for _ in range(rng.randint(1, 4)):  # several re-plans in a row, longer or shorter
+            cur = chain[-1]
+            bend = rng.randint(max(cur.bend_step, warmup), cur.total_steps - 2)
+            new = cur.rescaled(bend, rng.randint(bend + 2, 2 * cur.total_steps))
+            assert new(bend) == pytest.approx(cur(bend), rel=1e-12)  # continuous where it takes over
+            if new.total_steps >= cur.total_steps:  # a longer remainder: never below the old curve
+                assert all(new(t) >= cur(t) - 1e-12 for t in range(bend, cur.total_steps))
+            chain.append(new)
+        last = chain[-1]
+        lrs = [last(t) for t in range(last.bend_step, last.total_steps + 3)]
+        assert all(a >= b - 1e-12 for a, b in zip(lrs, lrs[1:]))  # still decaying
+        assert last(last.total_steps - 1) == pytest.approx(s.final_lr, abs=1e-12) and lrs[-1] == s.final_lr
+        assert [last(t) for t in range(warmup)] == [s(t) for t in range(warmup)]  # the warm-up untouched
+    with pytest.raises(ValueError, match="warm-up"):
+        Schedule(100, 10, 1.0, 0.0).rescaled(5, 200)

@@ -1,0 +1,44 @@
+"""``fastclr distill``: a student trained against the fine-tuned teacher on the unlabelled split, scored beside it."""
+import pytest
+import torch
+
+from fastclr.cli import main
+from fastclr.tasks.distill import run_distill
+from fastclr.tasks.finetune import run_finetune
+from fastclr.weights import load_weights
+from tests.tasks.conftest import task_args
+
+
+@pytest.fixture(scope="module")
+def teacher(pretrained, tmp_path_factory):
+    run, _ = pretrained
+    out = tmp_path_factory.mktemp("teacher")
+    run_finetune(str(run / "ckpt"), overrides=task_args(out, "finetune.epochs=6", "finetune.global_batch_size=32"))
+    return out / "finetune" / "classifier.pt"
+
+
+def test_self_distillation_and_a_smaller_student(teacher, tmp_path):
+    fast = ["distill.epochs=1", "distill.warmup_epochs=0", "distill.global_batch_size=64", "distill.log_every=1"]
+    same = run_distill(str(teacher), overrides=task_args(tmp_path / "same", *fast, "distill.label_weight=0.5"))
+    assert same["teacher_top1"] == load_weights(str(teacher)).meta["top1"]  # the same split, the same figure
+    assert same["student"] == "resnet18 x0.125" and 0 <= same["top1"] <= 100
+    small = run_distill(str(teacher), overrides=task_args(tmp_path / "small", *fast, "distill.epochs=0.5",
+                                                          "distill.student_arch=resnet18",
+                                                          "distill.student_width_mult=0.0625"))
+    student = load_weights(str(tmp_path / "small" / "distill" / "classifier.pt"))
+    assert student.meta["head_layers"] == 0 and student.config["model"]["width_mult"] == 0.0625
+    assert student.state["backbone.conv1.weight"].shape[0] == 4 and small["top1"] >= 0
+    assert not any(k.startswith("head.") for k in student.state)
+
+
+def test_the_teacher_must_be_a_fine_tuned_network(pretrained, tmp_path, capsys):
+    run, _ = pretrained
+    assert main(["distill", str(run / "ckpt"), *task_args(tmp_path)]) == 2
+    assert "needs the fine-tuned teacher" in capsys.readouterr().err
+
+
+def test_student_init_from_the_teacher_needs_the_teachers_network(teacher, tmp_path, capsys):
+    assert main(["distill", str(teacher), "distill.student_init=teacher", "distill.student_arch=resnet34",
+                 *task_args(tmp_path)]) == 2
+    assert "distill.student_init" in capsys.readouterr().err
+    assert torch.load(teacher, weights_only=True)["format"] == "fastclr-classifier"

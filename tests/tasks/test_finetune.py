@@ -1,0 +1,53 @@
+"""``fastclr finetune``: a class-balanced 10% subset written as a list and read back, v2's head layers under the
+classifier, the fine-tuned network as a weights_only file, and the errors a user can make."""
+import numpy as np
+import pytest
+import torch
+
+from fastclr.cli import main
+from fastclr.config import load_config
+from fastclr.data import build_source
+from fastclr.tasks.finetune import run_finetune
+from fastclr.weights import load_weights
+from tests.tasks.conftest import task_args
+
+FAST = ["finetune.epochs=4", "finetune.global_batch_size=32", "finetune.log_every=1"]
+
+
+def test_ten_percent_from_head_layer_1_and_0(pretrained, tmp_path):
+    run, _ = pretrained
+    one = run_finetune(str(run / "ckpt"), overrides=task_args(tmp_path / "one", *FAST, "finetune.labels=10%",
+                                                              "finetune.from_head_layer=1"))
+    listed = [line.strip() for line in open(tmp_path / "one" / "finetune" / "labels.txt") if not line.startswith("#")]
+    source = build_source(load_config("default").data, "train")
+    names = [source.sample_name(i) for i in range(len(source))]
+    labels = source.labels[[names.index(n) for n in listed]]
+    assert np.bincount(labels).tolist() == [14] * 10  # round(0.1 · 1437 / 10) of each class
+    assert one["labelled_images"] == 140 and 0 <= one["top1"] <= one["top5"] <= 100
+
+    zero = run_finetune(str(run / "ckpt"), overrides=task_args(
+        tmp_path / "zero", *FAST, f"finetune.labels={tmp_path / 'one' / 'finetune' / 'labels.txt'}",
+        "finetune.from_head_layer=0"))
+    assert zero["labelled_images"] == 140  # the list names the same samples
+    a = load_weights(str(tmp_path / "one" / "finetune" / "classifier.pt"))
+    b = load_weights(str(tmp_path / "zero" / "finetune" / "classifier.pt"))
+    assert (a.meta["head_layers"], b.meta["head_layers"]) == (1, 0)
+    assert set(a.state) - set(b.state) == {"head.mlp.0.weight", "head.mlp.1.weight", "head.mlp.1.bias",
+                                           "head.mlp.1.running_mean", "head.mlp.1.running_var",
+                                           "head.mlp.1.num_batches_tracked"}
+    assert a.state["fc.weight"].shape[1] == 64 and b.state["fc.weight"].shape[1] == 64  # head hidden 64; backbone 64
+    # The whole network trained: the backbone moved away from the pretrained one.
+    pre = load_weights(str(run / "ckpt")).backbone()
+    assert not torch.equal(a.state["backbone.conv1.weight"], pre["conv1.weight"])
+
+
+def test_mistakes_fail_before_compute_naming_the_problem(pretrained, tmp_path, capsys):
+    run, _ = pretrained
+    assert main(["finetune", str(run / "ckpt"), "--from-head-layer", "4", *task_args(tmp_path)]) == 2
+    assert "finetune.from_head_layer" in capsys.readouterr().err
+    assert main(["finetune", str(run / "backbone.pt"), "--from-head-layer", "1", *task_args(tmp_path)]) == 2
+    assert "no projection head" in capsys.readouterr().err
+    assert main(["finetune", str(run / "ckpt"), "--labels", str(tmp_path / "missing.txt"), *task_args(tmp_path)]) == 2
+    assert "missing.txt' does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["finetune", "--labels"])
