@@ -138,7 +138,7 @@ def time_to(points: list[tuple[float, float]], target: float) -> float | None:
 
 
 def run(rec: Recorder, *, quick: bool = False, smoke: bool = False, out_dir: str | None = None,
-        minutes: float | None = None) -> dict:
+        minutes: float | None = None, seed: int | None = None) -> dict:
     from fastclr.config import load_config
 
     from .common import bench_threads
@@ -147,8 +147,9 @@ def run(rec: Recorder, *, quick: bool = False, smoke: bool = False, out_dir: str
         raise FileNotFoundError(f"the time-to-accuracy benchmark needs the CIFAR tars at {TRAIN_TAR} and {TEST_TAR}")
     minutes = minutes or (0.5 if smoke else 2.0 if quick else 10.0)
     out = tempfile.mkdtemp(prefix="fastclr-tta-", dir=out_dir)
-    fast = run_fastclr(minutes, os.path.join(out, "fastclr"), TRAIN_TAR, TEST_TAR)
-    cfg = load_config(RECIPE, _data_overrides(TRAIN_TAR, TEST_TAR))
+    seeded = [] if seed is None else [f"seed={seed}"]
+    fast = run_fastclr(minutes, os.path.join(out, "fastclr"), TRAIN_TAR, TEST_TAR, seeded)
+    cfg = load_config(RECIPE, _data_overrides(TRAIN_TAR, TEST_TAR) + seeded)
     plain = run_plain(minutes, cfg, TRAIN_TAR, TEST_TAR, bench_threads())
     group, shape = f"tta cifar10 {minutes:g} min", (f"{cfg.model.arch} x{cfg.model.width_mult:g}, batch "
                                                     f"{cfg.train.global_batch_size}, 10k CIFAR-10 JPEGs, kNN k={cfg.eval.knn_k}")
@@ -189,10 +190,14 @@ def plot(result: dict, path: str) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--seed", type=int, default=None, help="both runs' seed (default: the recipe's)")
     p.add_argument("--out", default=os.path.join(RESULTS, "tta.jsonl"))
     args = p.parse_args(argv)
     rec = Recorder(args.out)
-    result = run(rec, minutes=args.minutes)
+    result = run(rec, minutes=args.minutes, seed=args.seed)
+    print(json.dumps({k: result[k] for k in ("minutes", "reach", "target")}), flush=True)
+    for name in ("fastclr", "plain-pytorch"):
+        print(name, " ".join(f"{t:.0f}s:{a:.1f}%" for t, a in result[name]), flush=True)
     plot(result, os.path.splitext(args.out)[0] + ".png")
 
 

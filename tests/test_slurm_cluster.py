@@ -177,7 +177,6 @@ def test_usr1_preemption_checkpoints_requeues_and_resumes_bit_identical(cluster,
     print(f"\nmeasured: USR1 preemption, 1 node x 2 ranks, stop at step {stop}, requeue, resume: {wall:.0f} s")
 
 
-@pytest.mark.slow  # ~95 s: keeps the default suite under 20 minutes on 2 cores
 def test_the_time_limit_warning_checkpoints_and_requeues_before_the_limit(cluster, tmp_path):
     """--time=2 with --signal=USR1@60: Slurm tests limits every 30 s, so the warning comes 60–90 s before the limit.
     220 steps do not fit in one start: every start but the last must end on the warning with a checkpoint, and the
