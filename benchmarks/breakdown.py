@@ -7,8 +7,9 @@ GPUs) and ``logging.timers=true``, then reads the per-phase milliseconds the tra
 The timers synchronize the device at each phase boundary on CUDA, so the phases add up to the step; that costs a
 little throughput, which is why they are off by default in training. Cross-replica negatives (the embedding
 all-gather) are inside ``loss`` and global-BN statistics inside ``forward``/``backward``; with timers on and ≥ 2
-ranks the trainer puts a barrier before the gradient all-reduce, so ``wait`` is time spent waiting for the slowest
-rank and ``comm`` the all-reduce alone.
+ranks the trainer puts a barrier before the last backward, in both runs, so ``wait`` is time spent waiting for the
+slowest rank and ``comm`` the time from the end of backward to averaged gradients: the whole all-reduce after
+backward, what backward did not hide with overlap.
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ def _one(rec: Recorder, ranks: int, overrides: list[str], group: str) -> dict:
     if not train:
         raise RuntimeError(f"no timed intervals in {run_dir}/metrics.jsonl")
     from fastclr.config import load_config
+    from fastclr.config.run import precision_name
 
     cfg = load_config(os.path.join(ROOT, "launchers", "configs", "default.yaml"), overrides)
     shape = (f"{cfg.model.arch} width {cfg.model.width_mult:g}, {cfg.data.image_size}px, global batch "
@@ -86,10 +88,10 @@ def _one(rec: Recorder, ranks: int, overrides: list[str], group: str) -> dict:
     for phase in PHASES:
         values = [r[f"t_{phase}_ms"] for r in train]
         phases[phase] = rec.add(benchmark="breakdown", group=group, variant=phase, role="measure", shape=shape,
-                                dtype=cfg.precision.dtype, unit="ms/step", values=values)["median"]
+                                dtype=precision_name(cfg), unit="ms/step", values=values)["median"]
     ips = [r["images_per_s"] for r in train]
     rec.add(benchmark="breakdown", group=f"{group} throughput", variant="images/s", role="measure", shape=shape,
-            dtype=cfg.precision.dtype, unit="images/s", values=ips)
+            dtype=precision_name(cfg), unit="images/s", values=ips)
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"phases": phases, "step_ms": sum(phases.values()), "overrides": overrides, "ranks": ranks, "cfg": cfg}
 

@@ -9,7 +9,7 @@ Per workload (ResNet-18 at 32 px with the CIFAR stem, batch 256; ResNet-50 at 22
 * ``+channels_last``, ``+bf16``, ``+tiled_loss``, ``+multi_tensor_lars`` (ablation): the baseline with one of
   fastclr's techniques switched on, so each gain shows on its own;
 * ``fastclr``: ``Trainer.train_step`` itself, the production step through the DeepSpeed engine (channels_last,
-  bf16 autocast, the loss the ``auto`` choice picks, multi-tensor LARS).
+  ``precision.dtype=auto``: bf16 autocast where the device has bf16 units, fp32 on a CPU without, the loss the ``auto`` choice picks, multi-tensor LARS).
 
 Inputs are fixed random views already in memory (data loading is the data benchmark's); the ``e2e`` group adds it
 back: fastclr's trainer fed by its DALI loader against the baseline fed by the PIL DataLoader, from the same JPEGs.
@@ -24,6 +24,8 @@ import tarfile
 import tempfile
 
 import torch
+
+from fastclr.config.run import cpu_has_native_bf16
 
 from .common import RESULTS, Recorder, bar_chart, bench_threads, ratio, time_calls
 from .plain_simclr import TECHNIQUES, Step
@@ -50,7 +52,7 @@ def config_for(w: dict, run_dir: str, *extra: str):
     return load_config(DEFAULT_RECIPE, [
         f"model.arch={w['arch']}", f"model.width_mult={w['width_mult']}", f"model.cifar_stem={w['cifar_stem']}",
         "model.proj_hidden_dim=2048", "model.proj_out_dim=128", f"data.image_size={w['image_size']}",
-        f"train.global_batch_size={w['batch']}", "train.epochs=1000", "train.max_minutes=0", "precision.dtype=bf16",
+        f"train.global_batch_size={w['batch']}", "train.epochs=1000", "train.max_minutes=0", "precision.dtype=auto",
         "precision.channels_last=true", "loss.impl=auto", "logging.progress=false", "logging.tensorboard=false",
         "eval.baseline=false", f"logging.dir={run_dir}", f"checkpoint.dir={run_dir}/ckpt", *extra])
 
@@ -91,7 +93,7 @@ def _jpeg_tar(n: int, folder: str) -> tuple[str, list[bytes]]:
 
 
 def run(rec: Recorder, *, quick: bool = False, smoke: bool = False, flops: dict | None = None,
-        e2e: bool = True) -> list[dict]:
+        e2e: bool = True, ablation: bool = True) -> list[dict]:
     from .flops import build, count
 
     cuda = torch.cuda.is_available()
@@ -123,7 +125,12 @@ def run(rec: Recorder, *, quick: bool = False, smoke: bool = False, flops: dict 
         record("plain-pytorch", "baseline", time_calls(lambda: step(view_a, view_b), repeats=repeats, device=device),
                "float32")
         del step
-        ablations = () if (quick and "50" in w["arch"]) else TECHNIQUES
+        ablations = () if (not ablation or (quick and "50" in w["arch"])) else TECHNIQUES
+        if not cuda and not smoke and not cpu_has_native_bf16():
+            # Emulated bf16 (no AVX512-BF16/AMX) measured 17x slower than fp32: precision.dtype=auto never picks it
+            # here, so timing it would only spend minutes on a path fastclr does not take.
+            print("train_step: no bf16 units on this CPU: the +bf16 ablation is skipped (auto precision is fp32)")
+            ablations = tuple(t for t in ablations if t != "bf16")
         for technique in ablations:
             step = Step(_baseline_model(cfg, device), on=(technique,))
             record(f"+{technique}", "ablation",
@@ -134,7 +141,8 @@ def run(rec: Recorder, *, quick: bool = False, smoke: bool = False, flops: dict 
         fa = view_a.to(trainer.batch_dtype).contiguous(memory_format=torch.channels_last)
         fb = view_b.to(trainer.batch_dtype).contiguous(memory_format=torch.channels_last)
         eager = time_calls(lambda: trainer.train_step([(fa, fb)]), repeats=repeats, device=device)
-        record("fastclr", "fastclr", eager, "bfloat16")
+        fdtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(trainer.batch_dtype, "float32")
+        record("fastclr", "fastclr", eager, fdtype)
         trainer.close()
         del trainer
         if "18" in w["arch"] and not smoke:  # compiling costs about a minute here; tests/test_compile covers it
@@ -147,7 +155,7 @@ def run(rec: Recorder, *, quick: bool = False, smoke: bool = False, flops: dict 
             del trainer
             for variant, role, times in (("eager", "baseline", eager), ("compiled", "fastclr", compiled)):
                 rows.append(rec.add(benchmark="train_step", group=f"compile {w['name']} b{b}", variant=variant,
-                                    role=role, shape=shape, dtype="bfloat16", unit="images/s",
+                                    role=role, shape=shape, dtype=fdtype, unit="images/s",
                                     values=[b / t for t in times]))
 
     if e2e:
@@ -218,10 +226,11 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--no-e2e", action="store_true")
+    p.add_argument("--no-ablation", action="store_true", help="only the baseline, fastclr and compiled rows")
     p.add_argument("--out", default=os.path.join(RESULTS, "train_step.jsonl"))
     args = p.parse_args(argv)
     rec = Recorder(args.out)
-    rows = run(rec, quick=args.quick, smoke=args.smoke, e2e=not args.no_e2e)
+    rows = run(rec, quick=args.quick, smoke=args.smoke, e2e=not args.no_e2e, ablation=not args.no_ablation)
     bar_chart(rows, os.path.splitext(args.out)[0] + ".png", f"SimCLR step, {rec.base['device_name']}")
     for line in summary_lines(rows):
         print(line)

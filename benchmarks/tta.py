@@ -4,9 +4,9 @@ time each, the same network, the same data, scored by the same kNN.
     PYTHONPATH=. python -m benchmarks --only tta [--quick]       # 10 minutes each (--quick: 2)
     PYTHONPATH=. python -m benchmarks.tta --minutes 10
 
-* ``fastclr``: ``fastclr pretrain --config cifar10_quick_cpu`` (its DALI loader, bf16 autocast, channels_last, the
-  tiled loss, multi-tensor LARS, its time budget sizing the cosine) in a fresh process; its kNN monitor gives the
-  curve, each point at the training seconds before it (evaluations excluded).
+* ``fastclr``: ``fastclr pretrain --config cifar10_quick_cpu`` (its DALI loader, bf16 autocast where the CPU has bf16
+  units, channels_last, the tiled loss, multi-tensor LARS, its time budget sizing the cosine) in a fresh process;
+  its kNN monitor gives the curve, each point at the training seconds before it (evaluations excluded).
 * ``plain-pytorch`` (baseline): :mod:`benchmarks.plain_simclr` — PIL DataLoader with the paper's augmentations, fp32,
   NCHW, the masked (2N × 2N) cross-entropy, per-parameter LARS — on the recipe's network, batch, temperature, LR
   rule, warm-up and weight decay; its length is chosen from its own measured speed for the same budget (the same
@@ -155,7 +155,10 @@ def run(rec: Recorder, *, quick: bool = False, smoke: bool = False, out_dir: str
                                                     f"{cfg.train.global_batch_size}, 10k CIFAR-10 JPEGs, kNN k={cfg.eval.knn_k}")
     rec.add(benchmark="tta", group=group, variant="plain-pytorch", role="baseline", shape=shape, dtype="float32",
             unit="% kNN top-1", value=plain[-1][1], curve=plain)
-    rec.add(benchmark="tta", group=group, variant="fastclr", role="fastclr", shape=shape, dtype="bfloat16",
+    from fastclr.config.run import precision_name
+
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision_name(cfg), "float32")
+    rec.add(benchmark="tta", group=group, variant="fastclr", role="fastclr", shape=shape, dtype=dtype,
             unit="% kNN top-1", value=fast[-1][1], curve=fast)
     target = plain[-1][1]
     reach = {"fastclr": time_to(fast, target), "plain-pytorch": time_to(plain, target) or plain[-1][0]}

@@ -36,16 +36,20 @@ class GradientBuckets:
 
     ``overlap=False`` defers every all-reduce to ``finish()`` (the step breakdown's un-overlapped reference).
     ``bucket_mb``: bucket size; DDP's default is 25 MB. Smaller buckets start communicating earlier and pay the
-    collective's latency more often.
+    collective's latency more often. ``first_bucket_mb`` caps the first bucket (the last layers, whose gradients
+    backward produces first), as DDP does with 1 MB: its all-reduce starts early even in a model that fits one
+    ``bucket_mb`` bucket whole, which could otherwise not overlap at all.
     """
 
-    def __init__(self, params, world_size: int, bucket_mb: float = 25.0, overlap: bool = True, group=None):
+    def __init__(self, params, world_size: int, bucket_mb: float = 25.0, overlap: bool = True, group=None,
+                 first_bucket_mb: float = 1.0):
         params = [p for p in params if p.requires_grad]
         self.world_size, self.overlap, self.group = world_size, overlap, group
         self.buckets: list[_Bucket] = []
-        limit, current, size = bucket_mb * 2**20, [], 0
+        current, size = [], 0
         for p in reversed(params):
             nbytes = p.numel() * p.element_size()
+            limit = (min(first_bucket_mb, bucket_mb) if not self.buckets else bucket_mb) * 2**20
             if current and (size + nbytes > limit or (p.dtype, p.device) != (current[0].dtype, current[0].device)):
                 self.buckets.append(_Bucket(current))
                 current, size = [], 0

@@ -65,6 +65,7 @@ def build_engine(cfg, task, rt, plan: BatchPlan, model: torch.nn.Module, lr: flo
     if cfg.precision.channels_last:
         engine.module.to(memory_format=torch.channels_last)  # after initialize: its broadcast needs contiguous data
     grads = GradientBuckets(engine.module.parameters(), rt.world_size, cfg.distributed.bucket_mb,
+                            first_bucket_mb=cfg.distributed.first_bucket_mb,
                             overlap=cfg.distributed.overlap_comm)
     if isinstance(optimizer, LARS):
         optimizer.grad_buffers = grads.flat

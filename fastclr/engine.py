@@ -47,6 +47,7 @@ def build_engine(cfg: Config, rt: Runtime, plan: BatchPlan, peak_lr: float):
         engine.module.compile(mode=cfg.model.compile_mode)  # in place: parameter names and checkpoints unchanged
     # After the layout change: the gradient views take each parameter's strides.
     grads = GradientBuckets(engine.module.parameters(), rt.world_size, cfg.distributed.bucket_mb,
+                            first_bucket_mb=cfg.distributed.first_bucket_mb,
                             overlap=cfg.distributed.overlap_comm)
     optimizer.grad_buffers = grads.flat
     return engine, optimizer, grads

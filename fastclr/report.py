@@ -35,7 +35,12 @@ class BadSampleReport:
 
 def describe_run(cfg, plan, device: str, total_steps: int, steps_per_epoch: int, peak_lr: float) -> str:
     """The run's first line: network, data, world, batch arithmetic, length, LR, loss."""
-    return (f"{cfg.model.arch} x{cfg.model.width_mult:g} on {cfg.data.dataset}, {plan.world_size} rank(s) on {device}, "
+    from .config.run import precision_name
+    from .data.sources import detect_kind
+
+    data = detect_kind(cfg.data.path) if cfg.data.dataset == "auto" else cfg.data.dataset
+    return (f"{cfg.model.arch} x{cfg.model.width_mult:g} on {data}, {plan.world_size} rank(s) on {device} "
+            f"({precision_name(cfg, device == 'cuda')}), "
             f"global batch {plan.global_batch} = {plan.micro_batch} x {plan.accumulation} x {plan.world_size}, "
             f"{total_steps} steps ({steps_per_epoch}/epoch), peak LR {peak_lr:.3g}, loss impl {cfg.loss.impl}")
 

@@ -96,14 +96,16 @@ class Trainer:
             if last:
                 self.grads.arm()  # its backward all-reduces each gradient bucket as soon as it is complete
             loss = self.objective(view_a, view_b, timer)  # forward and loss phases
+            if last and timer.enabled and self.rt.world_size > 1:
+                # Timers only: a barrier before the last backward bills the ranks' lateness so far (imbalance,
+                # stragglers) to 'wait'. It sits here in both modes: after backward it would wait for the overlapped
+                # all-reduces themselves. 'comm' is then the time from the end of backward to averaged gradients —
+                # the whole all-reduce without overlap, what backward left exposed with it.
+                with timer.phase("wait"):
+                    torch.distributed.barrier()
             with timer.phase("backward"):
                 self.engine.backward(loss)  # scaled by 1/accumulation: the step's gradient is the micro-batch mean
             loss_sum = loss_sum + loss.detach()
-        if timer.enabled and self.rt.world_size > 1 and not self.grads.overlap:
-            # Timers only: a barrier first, so that waiting for the slowest rank (imbalance, stragglers) is billed to
-            # 'wait' and 'comm' holds the all-reduce alone.
-            with timer.phase("wait"):
-                torch.distributed.barrier()
         with timer.phase("comm"):
             self.grads.finish()  # with overlap: only what backward did not hide
         with timer.phase("optimizer"):

@@ -68,3 +68,15 @@ def test_one_rank_keeps_gradients_in_place():
     want = [p.grad.clone() for p in model.parameters()]
     flat = torch.cat([b.flat for b in buckets.buckets])
     assert sorted(flat.tolist()) == sorted(torch.cat([g.flatten() for g in want]).tolist())
+
+
+def test_first_bucket_is_small_so_a_one_bucket_model_still_overlaps():
+    from fastclr.allreduce import GradientBuckets
+
+    model = torch.nn.Sequential(torch.nn.Linear(300, 300), torch.nn.Linear(300, 300), torch.nn.Linear(300, 10))
+    mb = lambda b: b.flat.numel() * 4 / 2**20  # noqa: E731
+    whole = GradientBuckets(model.parameters(), 2, bucket_mb=25.0, first_bucket_mb=25.0)
+    assert len(whole.buckets) == 1  # 0.7 MB: one bucket, whose all-reduce can only start when backward ends
+    split = GradientBuckets(model.parameters(), 2, bucket_mb=25.0, first_bucket_mb=0.4)
+    assert len(split.buckets) == 2 and mb(split.buckets[0]) <= 0.4
+    assert split.buckets[0].params[0] is model[2].bias  # backward's first gradients: the last layer's

@@ -49,7 +49,7 @@ def test_missing_recipe_file():
 
 
 def test_batch_arithmetic_has_one_source():
-    cfg = load_config(None, ["train.global_batch_size=4096", "train.micro_batch_size=256"])
+    cfg = load_config(None, ["train.global_batch_size=4096", "train.micro_batch_size=256", "precision.dtype=bf16"])
     plan = batch_plan(cfg, world_size=8)
     assert (plan.global_batch, plan.micro_batch, plan.accumulation) == (4096, 256, 2)
     ds = deepspeed_config(cfg, plan)
@@ -57,6 +57,25 @@ def test_batch_arithmetic_has_one_source():
     assert ds["zero_optimization"]["stage"] == 0
     assert "bf16" not in ds and "fp16" not in ds  # autocast, never whole-module casting (BN stays fp32)
     assert ds["torch_autocast"]["dtype"] == "bfloat16"
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    import torch
+
+    from fastclr.config.run import precision_name
+
+    cfg = load_config(None, [])
+    assert cfg.precision.dtype == "auto"
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert precision_name(cfg, cuda=False) == expected
+        ds = deepspeed_config(cfg, batch_plan(cfg, world_size=1))
+        assert ds.get("torch_autocast", {}).get("dtype") == ("bfloat16" if native else None)
+    for bf16_gpu, expected in ((True, "bf16"), (False, "fp16")):  # Ampere and later; Volta/Turing
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_gpu)
+        assert precision_name(cfg, cuda=True) == expected
+    assert precision_name(load_config(None, ["precision.dtype=bf16"]), cuda=False) == "bf16"  # asked for: obeyed
 
 
 def test_world_dependent_checks():

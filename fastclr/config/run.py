@@ -78,7 +78,7 @@ def validate_run(cfg: Config, world_size: int, cuda: bool | None, local_files: b
 
 
 def _check_device(cfg: Config, cuda: bool) -> None:
-    if cfg.precision.dtype == "fp16" and not cuda:
+    if precision_name(cfg, cuda) == "fp16" and not cuda:
         raise ConfigError("config field 'precision.dtype': fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU); use bf16")
     if cfg.loss.impl == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("config field 'loss.impl': 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1); use auto or tiled")
@@ -116,11 +116,31 @@ def check_resume_compatible(saved: dict, cfg: Config, where: str) -> None:
                       "another checkpoint.dir, or checkpoint.resume=none")
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX tiles: where oneDNN runs bf16 convolutions natively instead of emulating them."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def precision_name(cfg: Config, cuda: bool | None = None) -> str:
+    """'bf16', 'fp16' or 'fp32': ``precision.dtype`` with 'auto' resolved for this machine (see its doc)."""
+    import torch
+
+    if cfg.precision.dtype != "auto":
+        return cfg.precision.dtype
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if cuda:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 def autocast_dtype(cfg: Config):
     """The torch dtype autocast runs in, or None for fp32 (autocast off)."""
     import torch
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision.dtype]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision_name(cfg)]
 
 
 def deepspeed_config(cfg: Config, plan: BatchPlan) -> dict:
@@ -139,6 +159,7 @@ def deepspeed_config(cfg: Config, plan: BatchPlan) -> dict:
         # and step); the trainer's own phase timers replace it, and only when asked for.
         "timers": {"throughput": {"enabled": cfg.logging.timers, "synchronized": cfg.logging.timers}},
     }
-    if cfg.precision.dtype != "fp32":
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if cfg.precision.dtype == "bf16" else "float16"}
+    dtype = precision_name(cfg)
+    if dtype != "fp32":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if dtype == "bf16" else "float16"}
     return ds

@@ -114,14 +114,16 @@ class ResNet(nn.Module):
 
     ``width_mult`` scales every stage (64·w, 128·w, 256·w, 512·w channels, rounded, at least 1); ``cifar_stem``
     replaces the 7x7/2 conv + max-pool by a 3x3/1 conv for 32-px images (SimCLR's CIFAR-10 variant, Chen et al.
-    2020, appendix B.9); ``zero_init_residual`` starts every block as the identity (Goyal et al. 2017);
+    2020, appendix B.9), of stride ``stem_stride`` (2: every map halved, a quarter of the FLOPs at equal width); ``zero_init_residual`` starts every block as the identity (Goyal et al. 2017);
     ``sk_ratio`` > 0 adds SimCLR v2's selective kernels with ResNet-D's stem and shortcuts (module sk.py).
     """
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...], *,
                  width_mult: float = 1.0, cifar_stem: bool = False, norm_layer: NormLayer | None = None,
-                 zero_init_residual: bool = False, sk_ratio: float = 0.0):
+                 zero_init_residual: bool = False, sk_ratio: float = 0.0, stem_stride: int = 1):
         super().__init__()
+        if stem_stride not in (1, 2) or (stem_stride != 1 and not cifar_stem):
+            raise ValueError(f"stem_stride must be 1 or 2, and 2 only with cifar_stem, got {stem_stride}")
         if not width_mult > 0:
             raise ValueError(f"width_mult must be > 0, got {width_mult}")
         if not 0 <= sk_ratio <= 1:
@@ -129,7 +131,7 @@ class ResNet(nn.Module):
         norm_layer = norm_layer or nn.BatchNorm2d
         widths = [max(1, int(round(c * width_mult))) for c in (64, 128, 256, 512)]
         if cifar_stem:
-            self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(3, widths[0], 3, stride=stem_stride, padding=1, bias=False)
         elif sk_ratio > 0:
             self.conv1 = deep_stem(widths[0], norm_layer)
         else:
@@ -162,7 +164,7 @@ class ResNet(nn.Module):
                     nn.init.zeros_(m.residual_norm.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, feature_dim)
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64w, H/4, W/4); (B, 64w, H, W) with cifar_stem
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64w, H/4, W/4); (B, 64w, H/s, W/s) with cifar_stem
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, feature_dim, H/32, W/32)
         return torch.flatten(self.avgpool(x), 1)  # (B, feature_dim)
 
@@ -180,10 +182,10 @@ assert set(_SPECS) == set(ARCHS), "every config.Arch choice needs a spec here"
 
 def build_backbone(arch: str, *, width_mult: float = 1.0, cifar_stem: bool = False,
                    norm_layer: NormLayer | None = None, zero_init_residual: bool = False,
-                   sk_ratio: float = 0.0) -> ResNet:
+                   sk_ratio: float = 0.0, stem_stride: int = 1) -> ResNet:
     """The named ResNet backbone; ``norm_layer(num_features)`` defaults to ``nn.BatchNorm2d``."""
     if arch not in _SPECS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
     block, layers = _SPECS[arch]
     return ResNet(block, layers, width_mult=width_mult, cifar_stem=cifar_stem, norm_layer=norm_layer,
-                  zero_init_residual=zero_init_residual, sk_ratio=sk_ratio)
+                  zero_init_residual=zero_init_residual, sk_ratio=sk_ratio, stem_stride=stem_stride)

@@ -29,7 +29,8 @@ def build_model(cfg, norm_layer=None) -> SimCLRModel:
     from .resnet import build_backbone
 
     backbone = build_backbone(cfg.arch, width_mult=cfg.width_mult, cifar_stem=cfg.cifar_stem, norm_layer=norm_layer,
-                              zero_init_residual=cfg.zero_init_residual, sk_ratio=cfg.sk_ratio)
+                              zero_init_residual=cfg.zero_init_residual, sk_ratio=cfg.sk_ratio,
+                              stem_stride=cfg.stem_stride)
     head = ProjectionHead(backbone.feature_dim, cfg.proj_hidden_dim, cfg.proj_out_dim, num_layers=cfg.proj_layers,
                           norm_layer=norm_layer or nn.BatchNorm1d)
     return SimCLRModel(backbone, head)

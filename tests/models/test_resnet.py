@@ -169,3 +169,21 @@ def test_bf16_autocast_keeps_bn_parameters_and_statistics_fp32():
             for p in (m.weight, m.bias):
                 assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_stride_two_cifar_stem_halves_every_map_and_keeps_the_parameters():
+    from fastclr.config import ConfigError, load_config
+
+    x = torch.randn(3, 3, 32, 32)
+    maps = {}
+    for stride in (1, 2):
+        torch.manual_seed(0)
+        net = build_backbone("resnet18", width_mult=0.125, cifar_stem=True, stem_stride=stride).eval()
+        maps[stride] = net.layer4(net.layer3(net.layer2(net.layer1(net.relu(net.bn1(net.conv1(x))))))).shape
+        maps[f"params{stride}"] = sum(p.numel() for p in net.parameters())
+    assert maps[1][-1] == 4 and maps[2][-1] == 2 and maps[1][:2] == maps[2][:2]
+    assert maps["params1"] == maps["params2"]
+    with pytest.raises(ValueError, match="stem_stride"):
+        build_backbone("resnet18", stem_stride=2)  # the ImageNet stem has its own strides
+    with pytest.raises(ConfigError, match="model.stem_stride"):
+        load_config(None, ["model.stem_stride=2", "model.cifar_stem=false"])

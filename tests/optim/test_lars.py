@@ -173,7 +173,7 @@ def _dispatches_per_step(arch, foreach):
     torch.manual_seed(0)
     model = build_backbone(arch, width_mult=0.125, cifar_stem=True).to(memory_format=torch.channels_last)
     opt = LARS(param_groups(model, 1e-4), lr=1.0, foreach=foreach)
-    buckets = GradientBuckets(model.parameters(), world_size=1, bucket_mb=1e6)
+    buckets = GradientBuckets(model.parameters(), world_size=1, bucket_mb=1e6, first_bucket_mb=1e6)  # one bucket
     opt.grad_buffers = buckets.flat
     buckets.prepare()
     for p in model.parameters():
