@@ -10,7 +10,8 @@ time each, the same network, the same data, scored by the same kNN.
 * ``plain-pytorch`` (baseline): :mod:`benchmarks.plain_simclr` — PIL DataLoader with the paper's augmentations, fp32,
   NCHW, the masked (2N × 2N) cross-entropy, per-parameter LARS — on the recipe's network, batch, temperature, LR
   rule, warm-up and weight decay; its length is chosen from its own measured speed for the same budget (the same
-  rule, fastclr.budget), and it is evaluated at the same epochs by fastclr's evaluation (features of the held-out
+  rule, fastclr.budget: decided after the warm-up's first steps, re-planned at each epoch boundary), and it is
+  evaluated at the same epochs by fastclr's evaluation (features of the held-out
   tar through the same loader, the same kNN).
 
 Rows: kNN top-1 at equal wall time (both runs' final evaluation), and the training seconds each run needs to reach
@@ -58,7 +59,7 @@ def run_plain(minutes: float, cfg, train: str, test: str, threads: int) -> list[
 
     import torch
 
-    from fastclr.budget import Costs, total_steps
+    from fastclr.budget import Costs, fit_warmup, total_steps
     from fastclr.data import build_eval_loader
     from fastclr.eval import evaluate_encoder
     from fastclr.models import build_model
@@ -87,10 +88,25 @@ def run_plain(minutes: float, cfg, train: str, test: str, threads: int) -> list[
         return evaluate_encoder(model, *eval_loaders, torch.device("cpu"), knn_k=e.knn_k,
                                 knn_temperature=e.knn_temperature, probe_epochs=0, probe_lr=e.probe_lr)["knn_top1"]
 
-    budget_s, train_s, step, points, decided = minutes * 60.0, 0.0, 0, [], False
+    budget_s, train_s, step, points = minutes * 60.0, 0.0, 0, []
     measure_from, measure_at = 2, min(schedule.warmup_steps, 22)
-    t_measure = 0.0
-    t_last = time.monotonic()  # training time runs from here, waits for the loader included; evaluations excluded
+    t_measure, eval_s, decided = 0.0, 0.0, None  # decided: (step, training seconds) at the decision
+    t_last = t_start = time.monotonic()  # training time runs from here, waits for the loader included
+
+    max_total = schedule.total_steps  # train.epochs: the longest run a budget may choose
+
+    def plan(costs, pending_s: float = 0.0) -> int:
+        return min(max_total, total_steps(budget_s=budget_s, elapsed_s=time.monotonic() - t_start + pending_s, step=step,
+                           steps_per_epoch=steps_per_epoch, costs=costs, final_evaluations=1,
+                           monitor_every_epochs=e.every_epochs, checkpoint_every_epochs=0, checkpoint_every_steps=0))
+
+    def monitor():
+        nonlocal t_last
+        t0 = time.monotonic()
+        points.append((train_s, evaluate()))
+        t_last = time.monotonic()
+        return t_last - t0
+
     while step < schedule.total_steps:
         for view_a, view_b in loader:
             for g in step_fn.opt.param_groups:
@@ -101,25 +117,23 @@ def run_plain(minutes: float, cfg, train: str, test: str, threads: int) -> list[
             train_s, t_last = train_s + (now - t_last), now
             if step == measure_from:
                 t_measure = train_s
-            if step == measure_at and not decided:
-                t0 = time.monotonic()
-                points.append((train_s, evaluate()))
-                eval_s = time.monotonic() - t0
-                total = total_steps(budget_s=budget_s, elapsed_s=train_s + eval_s, step=step,
-                                    steps_per_epoch=steps_per_epoch,
-                                    costs=Costs((train_s - t_measure) / (measure_at - measure_from), eval_s, 0.0),
-                                    final_evaluations=1, monitor_every_epochs=e.every_epochs,
-                                    checkpoint_every_epochs=0, checkpoint_every_steps=0)
-                schedule = Schedule(max(total, schedule.warmup_steps + 1), schedule.warmup_steps, schedule.peak_lr,
-                                    schedule.final_lr)
-                budget_s -= eval_s
-                decided = True
-                t_last = time.monotonic()
+            if step == measure_at and decided is None:  # fastclr.budget's decision: speed, one evaluation
+                eval_s = monitor()
+                total, warmup = fit_warmup(plan(Costs((train_s - t_measure) / (measure_at - measure_from), eval_s,
+                                                      0.0)), schedule.warmup_steps, step)
+                schedule = Schedule(total, warmup, schedule.peak_lr, schedule.final_lr)
+                decided = (step, train_s)
+            elif decided is not None and step % steps_per_epoch == 0 and step < 0.95 * schedule.total_steps:
+                # fastclr.budget's re-plan: the speed since the decision, the rest of the cosine fitted in
+                speed = (train_s - decided[1]) / (step - decided[0])
+                pending = eval_s if e.every_epochs and step % (e.every_epochs * steps_per_epoch) == 0 else 0.0
+                total = plan(Costs(speed, eval_s, 0.0), pending)
+                if total != schedule.total_steps:
+                    schedule = (schedule.rescaled(step, total) if step >= schedule.warmup_steps else
+                                Schedule(*fit_warmup(total, schedule.warmup_steps, step), schedule.peak_lr,
+                                         schedule.final_lr))
             if e.every_epochs and step % (e.every_epochs * steps_per_epoch) == 0 and step < schedule.total_steps:
-                t0 = time.monotonic()
-                points.append((train_s, evaluate()))
-                budget_s -= time.monotonic() - t0
-                t_last = time.monotonic()
+                monitor()
             if step >= schedule.total_steps:
                 break
     points.append((train_s, evaluate()))

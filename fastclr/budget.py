@@ -24,6 +24,20 @@ REPLAN_UNTIL = 0.95
 """Re-planning stops once this fraction of the run's steps is done."""
 
 
+WARMUP_MAX_FRACTION = 0.5
+"""A budget too short for the config's warm-up shortens it to this fraction of the run (the cosine gets the rest)."""
+
+
+def fit_warmup(total: int, warmup_steps: int, step: int) -> tuple[int, int]:
+    """(total, warm-up) for a run of ``total`` steps decided at ``step``: the config's ``warmup_steps`` where the
+    run has room for it, else WARMUP_MAX_FRACTION of the run (never ending before ``step``, which was taken as a
+    warm-up step); the total then leaves at least one step of cosine."""
+    if warmup_steps < WARMUP_MAX_FRACTION * total:
+        return total, warmup_steps
+    warmup = max(step, min(warmup_steps, math.floor(WARMUP_MAX_FRACTION * total)))
+    return max(total, warmup + 1), warmup
+
+
 def decision_step(warmup_steps: int) -> int:
     """The step after which the length is decided: as many timed steps as the warm-up allows, up to MEASURE_STEPS."""
     return min(warmup_steps, SKIP_STEPS + MEASURE_STEPS)
@@ -67,8 +81,9 @@ def total_steps(*, budget_s: float, elapsed_s: float, step: int, steps_per_epoch
 class Planner:
     """The trainer's clock for the decision: ``mark(step)`` after every step; True at the decision step."""
 
-    def __init__(self, budget_minutes: float, warmup_steps: int):
+    def __init__(self, budget_minutes: float, warmup_steps: int, max_total: int):
         self.budget_s, self.at = budget_minutes * 60.0, decision_step(warmup_steps)
+        self.max_total = max_total  # train.epochs of the config: the longest run a budget may choose
         self.t_start = self.t_skip = 0.0
         self.decided = None  # (step, training seconds, evaluation seconds so far) right after the decision
         self.final_eval_s = 0.0
@@ -115,14 +130,16 @@ def fit_budget(trainer) -> None:
     t1 = time.monotonic()
     trainer.save(force=True)
     t2 = time.monotonic()
-    total = max(trainer.schedule.warmup_steps + 1, total_steps(
+    total = total_steps(
         budget_s=planner.budget_s, elapsed_s=t2 - planner.t_start + (t2 - t1), step=trainer.state.step,
         steps_per_epoch=trainer.steps_per_epoch, costs=Costs(s_per_step, t1 - now, t2 - t1),
         final_evaluations=2 if cfg.eval.baseline else 1, monitor_every_epochs=cfg.eval.every_epochs,
-        checkpoint_every_epochs=cfg.checkpoint.every_epochs, checkpoint_every_steps=cfg.checkpoint.every_steps))
-    budget = cfg.train.time_budget_minutes
-    total = agree(total, trainer.rt)
-    trainer.set_length(total)
+        checkpoint_every_epochs=cfg.checkpoint.every_epochs, checkpoint_every_steps=cfg.checkpoint.every_steps)
+    budget, warmup = cfg.train.time_budget_minutes, trainer.schedule.warmup_steps
+    total = min(agree(total, trainer.rt), planner.max_total)
+    total, short = fit_warmup(total, warmup, trainer.state.step)
+    _shorten_warmup_note(warmup, short)
+    trainer.set_length(total, warmup_steps=short if short != warmup else 0)
     trainer.save(force=True)  # the same step again, now with the chosen length: a restart keeps it
     planner.final_eval_s = t1 - now
     planner.decided = (trainer.state.step, _training_s(trainer), trainer.eval_s)
@@ -131,6 +148,14 @@ def fit_budget(trainer) -> None:
         f"time budget {budget:g} min: {s_per_step * 1e3:.0f} ms/step, evaluation {t1 - now:.1f} s, checkpoint "
         f"{t2 - t1:.1f} s -> {total} steps = {cfg.train.epochs:.2f} epochs")
     _save_config(trainer, budget)
+
+
+def _shorten_warmup_note(warmup: int, short: int) -> None:
+    if short != warmup:
+        import logging
+        logging.getLogger(__name__).warning(
+            f"time budget: the warm-up of {warmup} steps (optim.warmup_epochs) does not fit; shortened to {short} "
+            f"steps, {WARMUP_MAX_FRACTION:.0%} of the run")
 
 
 def _save_config(trainer, budget_minutes: float) -> None:
@@ -191,10 +216,17 @@ def replan(trainer) -> None:
         steps_per_epoch=trainer.steps_per_epoch, costs=costs, final_evaluations=2 if cfg.eval.baseline else 1,
         monitor_every_epochs=every, checkpoint_every_epochs=0, checkpoint_every_steps=0,  # in the measured speed
         monitor_s=monitor_s))
-    total = agree(total, trainer.rt)
+    total = min(agree(total, trainer.rt), planner.max_total)
     if total == trainer.total_steps:
         return
-    logging.getLogger(__name__).info(f"time budget: {costs.seconds_per_step * 1e3:.0f} ms/step recently -> "
-                                     f"{total} steps (was {trainer.total_steps})")
-    trainer.set_length(total, step, trainer.schedule.progress(step))
+    level = logging.INFO if abs(total - trainer.total_steps) >= 0.01 * trainer.total_steps else logging.DEBUG
+    logging.getLogger(__name__).log(level, f"time budget: {costs.seconds_per_step * 1e3:.0f} ms/step recently -> "
+                                    f"{total} steps (was {trainer.total_steps})")  # small drifts: not every epoch
+    warmup = trainer.schedule.warmup_steps
+    if step < warmup:  # still warming up: no cosine to bend yet, only its length (and the warm-up's) to fit
+        total, short = fit_warmup(total, warmup, step)
+        _shorten_warmup_note(warmup, short)
+        trainer.set_length(total, warmup_steps=short if short != warmup else 0)
+    else:
+        trainer.set_length(total, step, trainer.schedule.progress(step))
     _save_config(trainer, planner.budget_s / 60)

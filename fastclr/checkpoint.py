@@ -68,6 +68,8 @@ class RunState:
     """The step from which a time budget's re-planning fitted the rest of the cosine into ``total_steps`` (0: none)."""
     bend_progress: float = 0.0
     """The cosine's progress at ``bend_step`` (:class:`fastclr.optim.Schedule`)."""
+    warmup_steps: int = 0
+    """Warm-up steps when a time budget too short for the config's warm-up shortened it (0: the config's)."""
 
     def to_client(self, cfg: Config, world_size: int, steps_per_epoch: int) -> dict:
         """The client state saved with the engine (and, as JSON, in the COMPLETE marker)."""

@@ -62,7 +62,7 @@ class Trainer:
         self.report_bad = BadSampleReport(self.loader.bad, cfg.logging.dir, rt.rank)
         self._batches, self._saved_at = None, -1  # the epoch's iterator; step of the newest checkpoint written/read
         budget = cfg.train.time_budget_minutes
-        self.planner = Planner(budget, self.schedule.warmup_steps) if budget else None
+        self.planner = Planner(budget, self.schedule.warmup_steps, self.schedule.total_steps) if budget else None
 
     step = property(lambda self: self.state.step, doc="Optimizer steps taken.")
     epoch = property(lambda self: self.state.step // self.steps_per_epoch, doc="Epochs completed.")
@@ -173,14 +173,15 @@ class Trainer:
                 self.evaluate(with_baseline=False, probe=False)
         return self.stop.reason(step)
 
-    def set_length(self, total: int, bend_step: int = 0, bend_progress: float = 0.0) -> None:
-        """The run's length chosen by a time budget (``fastclr.budget``); from ``bend_step`` on, the rest of the cosine
-        fitted into it (Schedule.rescaled). Kept in the run state: a restart continues with the same schedule."""
-        s = self.schedule
-        self.schedule = type(s)(total, s.warmup_steps, s.peak_lr, s.final_lr, bend_step, bend_progress)
+    def set_length(self, total: int, bend_step: int = 0, bend_progress: float = 0.0, warmup_steps: int = 0) -> None:
+        """A time budget's length (``fastclr.budget``): the cosine bent at ``bend_step`` (Schedule.rescaled), a shorter
+        warm-up if > 0. Kept in the run state: a restart continues with the same schedule."""
+        s, w = self.schedule, warmup_steps or self.state.warmup_steps
+        self.schedule = type(s)(total, w or s.warmup_steps, s.peak_lr, s.final_lr, bend_step, bend_progress)
         self.state.total_steps, self.state.bend_step, self.state.bend_progress = total, bend_step, bend_progress
-        self.progress.total = total
+        self.state.warmup_steps, self.progress.total = w, total
         self.cfg.train.epochs, self.cfg.train.time_budget_minutes = total / self.steps_per_epoch, 0.0
+        self.cfg.optim.warmup_epochs = self.schedule.warmup_steps / self.steps_per_epoch
 
     def log_train(self) -> str:
         step, window_steps = self.state.step, self.state.step - self.window.first_step
@@ -230,9 +231,8 @@ class Trainer:
         self.state, self._saved_at = state, state.step
         self.skips.reset(state.nonfinite_steps)
         if state.total_steps:  # a length chosen for a time budget: the same schedule as before the restart
-            self.set_length(state.total_steps, state.bend_step, state.bend_progress)
-        keys_per_step = 2 * self.plan.global_batch if self.objective.group else 2 * self.plan.micro_batch * \
-            self.plan.accumulation
+            self.set_length(state.total_steps, state.bend_step, state.bend_progress, state.warmup_steps)
+        keys_per_step = 2 * (self.plan.global_batch if self.objective.group else self.plan.micro_batch * self.plan.accumulation)
         self.objective.resume(state.step, keys_per_step)
         return True
 

@@ -10,7 +10,8 @@ PRETRAIN = os.path.join(ROOT, "launchers", "pretrain.py")
 
 TINY = ["model.width_mult=0.125", "model.proj_hidden_dim=64", "model.proj_out_dim=32", "train.global_batch_size=64",
         "train.log_every=1", "eval.probe_epochs=0", "eval.baseline=false", "logging.progress=false",
-        "logging.tensorboard=false", "checkpoint.every_epochs=0", "eval.max_eval_images=256"]
+        "logging.tensorboard=false", "checkpoint.every_epochs=0", "eval.max_eval_images=256",
+        "train.time_budget_minutes=0"]
 """A CPU-seconds run of the default recipe: narrow network, small batch, no probe, every step logged."""
 
 

@@ -28,7 +28,8 @@ def _train_fixed(rank, world, global_bn, views, out_dir, base_lr=None, extra=())
     cfg = load_config(os.path.join(ROOT, "launchers", "configs", "default.yaml"), [
         "model.width_mult=0.125", "model.proj_hidden_dim=32", "model.proj_out_dim=16", "data.image_size=16",
         f"train.global_batch_size={GLOBAL_BATCH}", f"distributed.global_bn={global_bn}", "precision.dtype=fp32",
-        "optim.warmup_epochs=0", f"optim.base_lr={base_lr or BASE_LR}", "logging.progress=false", "logging.tensorboard=false",
+        "optim.warmup_epochs=0", "train.time_budget_minutes=0", f"optim.base_lr={base_lr or BASE_LR}",
+        "logging.progress=false", "logging.tensorboard=false",
         f"logging.dir={out_dir}/{world}-{rank}", f"checkpoint.dir={out_dir}/{world}-{rank}/ckpt", *extra])
     trainer = make_trainer(cfg, world)
     first_grads = {}

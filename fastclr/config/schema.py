@@ -82,8 +82,14 @@ class DataConfig:
     splits. Bad images not listed are still found and skipped while training; listing them saves the screening."""
     image_size: int = 32
     """Side of the square crops fed to the network: 32 for CIFAR-like data, 224 for ImageNet."""
+    eval_image_size: int = 0
+    """Side of the evaluation's centre crops (kNN bank, probe, test split); 0: image_size. Random-resized crops
+    magnify objects by 1/sqrt(crop area) on average (1.38x for areas in [0.2, 1]), so a network tested on whole
+    images sees them smaller than it learned them; testing at a larger side than training's matches the two
+    (Touvron et al. 2019, "Fixing the train-test resolution discrepancy"), and training at the smaller side costs
+    (image_size / eval_image_size)^2 of the FLOPs."""
     eval_resize: int = 0
-    """Evaluation: resize the shorter side to this before the centre crop (0: image_size·8/7, the usual 256→224)."""
+    """Evaluation: resize the shorter side to this before the centre crop (0: eval side·8/7, the usual 256→224)."""
     num_threads: int = 2
     """Pipeline worker threads per rank."""
     prefetch: int = 2
@@ -92,6 +98,11 @@ class DataConfig:
     """Shuffling/augmentation seed; the same seed and world size give the same batches."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
+    @property
+    def eval_size(self) -> int:
+        """The evaluation's crop side."""
+        return self.eval_image_size or self.image_size
+
     def __post_init__(self):
         _check_choice(self.dataset, Dataset, "data.dataset", "dataset")
         if self.dataset != "digits":
@@ -99,6 +110,8 @@ class DataConfig:
         _check(not (self.exclude and self.dataset == "digits"), "data.exclude",
                "the embedded digits have no files to exclude")
         _at_least(self, "data", 8, "image_size")
+        _check(self.eval_image_size == 0 or self.eval_image_size >= 8, "data.eval_image_size",
+               f"must be 0 (= image_size) or >= 8, got {self.eval_image_size}")
         _at_least(self, "data", 0, "eval_resize")
         _at_least(self, "data", 1, "num_threads", "prefetch")
 
@@ -202,9 +215,11 @@ class TrainConfig:
     max_minutes: float = 0.0
     """If > 0, the schedule is unchanged but the run stops cleanly (with a checkpoint) after this many minutes."""
     time_budget_minutes: float = 0.0
-    """If > 0, choose train.epochs so that the whole run — warm-up, cosine, monitor evaluations, checkpoints and the
+    """If > 0, choose train.epochs (at most the configured value: a fast machine runs that, a slow one fewer, each
+    with its whole warm-up and cosine) so that the whole run — warm-up, cosine, monitor evaluations, checkpoints and the
     final evaluation — ends within this many minutes, from the speed measured during the warm-up (which must last at
-    least a few steps). The choice is printed and saved in config.yaml and the checkpoint; resume keeps it."""
+    least a few steps). The choice is printed and saved in config.yaml and the checkpoint; resume keeps it. A budget
+    too short for optim.warmup_epochs shortens the warm-up to half the run (with a warning)."""
     stop_at_step: int = 0
     """If > 0, stop cleanly (with a checkpoint) after this optimizer step; the schedule still spans ``epochs``."""
     global_batch_size: int = 256

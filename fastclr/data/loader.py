@@ -354,7 +354,7 @@ class EvalLoader:
         # A fresh pipeline per pass (a few milliseconds): a pass abandoned half-way leaves nothing behind.
         pipe = eval_graph(
             read_batch=self._read_batch, encoded=self.source.encoded, aug=self.cfg.augment,
-            image_size=self.cfg.image_size, resize_to=default_eval_resize(self.cfg.image_size, self.cfg.eval_resize),
+            image_size=self.cfg.eval_size, resize_to=default_eval_resize(self.cfg.eval_size, self.cfg.eval_resize),
             device=self._dali_device, dtype=_dali_dtype(self.device, self.dtype), channels_last=self.channels_last,
             batch_size=self.batch_size, num_threads=self.cfg.num_threads, device_id=self._device_id, seed=0,
             prefetch_queue_depth=self.cfg.prefetch)
@@ -381,5 +381,5 @@ def build_eval_loader(cfg, split: str, *, batch_size: int, device: torch.device,
                       num_shards: int = 1) -> EvalLoader:
     """Evaluation loader: 'train' = the training set without augmentation (kNN bank, linear probe), 'test' = the
     held-out split."""
-    return EvalLoader(build_source(cfg, split), cfg, batch_size=batch_size, device=device, dtype=dtype,
+    return EvalLoader(build_source(cfg, split, cfg.eval_size), cfg, batch_size=batch_size, device=device, dtype=dtype,
                       channels_last=channels_last, max_images=max_images, shard_id=shard_id, num_shards=num_shards)

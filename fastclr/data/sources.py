@@ -350,18 +350,19 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
 
 
-def build_source(cfg, split: str) -> Source:
-    """The source of ``split``, less the samples listed in ``cfg.exclude``."""
-    source = _build_source(cfg, split)
+def build_source(cfg, split: str, image_size: int = 0) -> Source:
+    """The source of ``split``, less the samples listed in ``cfg.exclude``. ``image_size`` (0: ``cfg.image_size``)
+    is the side the embedded digits are rendered at; files are decoded at their own size."""
+    source = _build_source(cfg, split, image_size or cfg.image_size)
     return without(source, read_exclusions(cfg.exclude)) if cfg.exclude else source
 
 
-def _build_source(cfg, split: str) -> Source:
+def _build_source(cfg, split: str, image_size: int) -> Source:
     """The source of ``split`` for a :class:`fastclr.config.DataConfig`: 'train' reads ``cfg.path``, 'test' reads
     ``cfg.eval_path`` (digits: the fixed 80/20 split). Fails before any compute, naming the missing path."""
     _check_split(split)
     if cfg.dataset == "digits":
-        return digits_source(split, cfg.image_size)
+        return digits_source(split, image_size)
     path, field = (cfg.path, "data.path") if split == "train" else (cfg.eval_path, "data.eval_path")
     if not path:
         raise ValueError(f"dataset '{cfg.dataset}' needs {field} for the '{split}' split "

@@ -309,6 +309,26 @@ def test_eval_folder_resize_and_centre_crop(cifar_train_dir, cifar_test_dir):
     assert (got24 - wrong).abs().mean() > 2 * (got24 - ref24).abs().mean()
 
 
+def test_eval_image_size_sets_the_evaluation_side_only(cifar_train_dir, cifar_test_dir):
+    # Training crops of 24 px, evaluation on the whole 32-px images: the eval loader gives exactly what
+    # image_size=32 gives, the train loader still 24-px views; the digits are rendered at the evaluation side.
+    kw = dict(dataset="folder", path=cifar_train_dir, eval_path=cifar_test_dir)
+    small = DataConfig(image_size=24, eval_image_size=32, **kw)
+    assert small.eval_size == 32 and DataConfig(image_size=24, **kw).eval_size == 24
+    got = torch.cat([x for x, _ in build_eval_loader(small, "test", batch_size=64, device=CPU)])
+    ref = torch.cat([x for x, _ in build_eval_loader(DataConfig(image_size=32, **kw), "test", batch_size=64,
+                                                     device=CPU)])
+    assert got.shape == (100, 3, 32, 32) and torch.equal(got, ref)
+    a, _ = next(iter(build_train_loader(small, batch_size=16, device=CPU)))
+    assert a.shape == (16, 3, 24, 24)
+    digits = torch.cat([x for x, _ in build_eval_loader(DataConfig(image_size=16, eval_image_size=40), "test",
+                                                        batch_size=100, device=CPU, channels_last=False)])
+    x = torch.from_numpy(digits_source("test", 40).images).permute(0, 3, 1, 2).float() / 255
+    torch.testing.assert_close(digits, (x - MEAN) / STD, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="data.eval_image_size"):
+        DataConfig(eval_image_size=4)
+
+
 def test_folder_train_loader_decodes_real_jpegs(cifar_train_dir):
     cfg = DataConfig(dataset="folder", path=cifar_train_dir, augment=AugmentConfig(jitter_strength=0.5, blur_p=0.0))
     loader = build_train_loader(cfg, batch_size=64, shard_id=1, num_shards=2, device=CPU)
