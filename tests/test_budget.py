@@ -44,7 +44,10 @@ def test_a_short_budget_with_a_long_warmup_still_ends_its_cosine(tmp_path):
     trainer.train()
     s = trainer.schedule
     assert s.warmup_steps == trainer.state.warmup_steps  # the decision's step 22 ends it at the earliest
-    assert 22 <= s.warmup_steps <= max(22, s.total_steps // 2) < s.total_steps
+    # Half the length decided then (re-plans after the warm-up move the length by a few %), or, where a re-plan
+    # shortened the run while it was still warming up, the epoch boundary it was at
+    assert 22 <= s.warmup_steps < s.total_steps
+    assert s.warmup_steps <= max(22, 0.6 * s.total_steps) or s.warmup_steps % trainer.steps_per_epoch == 0
     lrs = [s(k) for k in range(s.total_steps)]
     peak = lrs.index(max(lrs))
     assert peak == s.warmup_steps - 1 and lrs[-1] == pytest.approx(0.01, abs=1e-12)
