@@ -96,9 +96,10 @@ def run_plain(minutes: float, cfg, train: str, test: str, threads: int) -> list[
     max_total = schedule.total_steps  # train.epochs: the longest run a budget may choose
 
     def plan(costs, pending_s: float = 0.0) -> int:
-        return min(max_total, total_steps(budget_s=budget_s, elapsed_s=time.monotonic() - t_start + pending_s, step=step,
-                           steps_per_epoch=steps_per_epoch, costs=costs, final_evaluations=1,
-                           monitor_every_epochs=e.every_epochs, checkpoint_every_epochs=0, checkpoint_every_steps=0))
+        return min(max_total, total_steps(
+            budget_s=budget_s, elapsed_s=time.monotonic() - t_start + pending_s, step=step,
+            steps_per_epoch=steps_per_epoch, costs=costs, final_evaluations=1, monitor_every_epochs=e.every_epochs,
+            checkpoint_every_epochs=0, checkpoint_every_steps=0))
 
     def monitor():
         nonlocal t_last

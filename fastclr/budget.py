@@ -135,11 +135,8 @@ def fit_budget(trainer) -> None:
         steps_per_epoch=trainer.steps_per_epoch, costs=Costs(s_per_step, t1 - now, t2 - t1),
         final_evaluations=2 if cfg.eval.baseline else 1, monitor_every_epochs=cfg.eval.every_epochs,
         checkpoint_every_epochs=cfg.checkpoint.every_epochs, checkpoint_every_steps=cfg.checkpoint.every_steps)
-    budget, warmup = cfg.train.time_budget_minutes, trainer.schedule.warmup_steps
-    total = min(agree(total, trainer.rt), planner.max_total)
-    total, short = fit_warmup(total, warmup, trainer.state.step)
-    _shorten_warmup_note(warmup, short)
-    trainer.set_length(total, warmup_steps=short if short != warmup else 0)
+    budget = cfg.train.time_budget_minutes
+    _set_unbent_length(trainer, min(agree(total, trainer.rt), planner.max_total), trainer.state.step)
     trainer.save(force=True)  # the same step again, now with the chosen length: a restart keeps it
     planner.final_eval_s = t1 - now
     planner.decided = (trainer.state.step, _training_s(trainer), trainer.eval_s)
@@ -150,12 +147,16 @@ def fit_budget(trainer) -> None:
     _save_config(trainer, budget)
 
 
-def _shorten_warmup_note(warmup: int, short: int) -> None:
+def _set_unbent_length(trainer, total: int, step: int) -> None:
+    """The length ``total`` chosen at ``step`` before the cosine began, with the warm-up fitted to it."""
+    warmup = trainer.schedule.warmup_steps
+    total, short = fit_warmup(total, warmup, step)
     if short != warmup:
         import logging
         logging.getLogger(__name__).warning(
             f"time budget: the warm-up of {warmup} steps (optim.warmup_epochs) does not fit; shortened to {short} "
             f"steps, {WARMUP_MAX_FRACTION:.0%} of the run")
+    trainer.set_length(total, warmup_steps=short if short != warmup else 0)
 
 
 def _save_config(trainer, budget_minutes: float) -> None:
@@ -222,11 +223,8 @@ def replan(trainer) -> None:
     level = logging.INFO if abs(total - trainer.total_steps) >= 0.01 * trainer.total_steps else logging.DEBUG
     logging.getLogger(__name__).log(level, f"time budget: {costs.seconds_per_step * 1e3:.0f} ms/step recently -> "
                                     f"{total} steps (was {trainer.total_steps})")  # small drifts: not every epoch
-    warmup = trainer.schedule.warmup_steps
-    if step < warmup:  # still warming up: no cosine to bend yet, only its length (and the warm-up's) to fit
-        total, short = fit_warmup(total, warmup, step)
-        _shorten_warmup_note(warmup, short)
-        trainer.set_length(total, warmup_steps=short if short != warmup else 0)
+    if step < trainer.schedule.warmup_steps:  # still warming up: no cosine to bend yet, only lengths to fit
+        _set_unbent_length(trainer, total, step)
     else:
         trainer.set_length(total, step, trainer.schedule.progress(step))
     _save_config(trainer, planner.budget_s / 60)
