@@ -248,10 +248,14 @@ def update_readme(rows, sp, checks, mode: str, readme: str = os.path.join(ROOT, 
         body += ["", "Not met in this run: " + "; ".join(f"{c[0]} = {c[1]:.2f} (bar {c[2]})" for c in unmet) + "."]
     body += ["", "Reproduce on a CUDA machine (the full report with plots lands in `benchmarks/results/<time>/`):", "",
              "```bash", GPU_COMMAND, "```", "",
-             "The GPU acceptance run — the CUDA-only tests (Triton NT-Xent against fp64 at 2N up to 65,536 in "
-             "fp32/bf16/fp16, DALI's GPU pipeline with bad files, fp16 loss scaling, 30 steady steps under "
-             "`torch.cuda.set_sync_debug_mode(\"error\")`, the compiled step), then this suite on the GPU, with one "
-             "summary table — is one command on a machine with a CUDA GPU (budget: 8 minutes with the install):", "",
+             "The GPU acceptance run is one command on a machine with one CUDA GPU, 8 minutes including the install "
+             "(`--dry-run` prints the stages and their budgets): install (torch 2.13.0 for the driver's CUDA major "
+             "version, a CPU torch replaced; DALI; DeepSpeed; no Slurm) → env → kernel tests (the Triton NT-Xent "
+             "against fp64 at one size per dtype, on a rank's shard, with the memory queue, and past 2³¹ elements) → "
+             "CUDA tests (DALI's GPU pipeline with bad files, screened on the host and reaching the GPU decoder; fp16 "
+             "overflow steps skipped; 30 steady steps under `torch.cuda.set_sync_debug_mode(\"error\")`; the "
+             "compiled step against eager, loss and gradients, TF32 off) → the kernel and step benchmarks. Each stage "
+             "has its own time limit and keeps its results when cut short; one summary table comes last:", "",
              "```bash", "bash benchmarks/gpu_acceptance.sh            # results in benchmarks/results/gpu-acceptance-<time>/",
              "```", "", README_END]
     start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)

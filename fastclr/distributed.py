@@ -160,14 +160,19 @@ class _GlobalBNFunction(torch.autograd.Function):
         c = x.shape[1]
         layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
             else torch.contiguous_format
+        invstd = torch.rsqrt(var + ctx.eps)
         # train=False: grad_input = dy·w·invstd, grad_weight = Σdy·x̂, grad_bias = Σdy, all with the given statistics.
+        # The statistics go in twice, as (mean, var) in the running slots and as (mean, invstd) in the saved slots:
+        # ATen's CUDA kernel for contiguous NCHW reads the running pair in eval mode, while its path for
+        # channels_last 4-D and for 2-D inputs reads the saved pair and asserts "save_mean should always be defined"
+        # (aten/src/ATen/native/cuda/Normalization.cu, batch_norm_backward_cuda). The CPU kernel reads the running
+        # pair on every path; tests/test_distributed_bn.py checks that the two pairs describe the same statistics.
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            dy.contiguous(memory_format=layout), x, w, mean, var, None, None, False, ctx.eps, [True, True, True])
+            dy.contiguous(memory_format=layout), x, w, mean, var, mean, invstd, False, ctx.eps, [True, True, True])
         both = torch.cat([db.float(), dw.float()])
         if ctx.world > 1:
             dist.all_reduce(both, group=ctx.group)
         g_dy, g_dy_xhat = both[:c] / ctx.n, both[c:] / ctx.n
-        invstd = torch.rsqrt(var + ctx.eps)
         scale = -w.float() * invstd * invstd * g_dy_xhat  # coefficient of x in the statistics' share
         shift = -w.float() * invstd * g_dy - scale * mean
         unit = torch.ones_like(var) - ctx.eps  # batch_norm(x, mean 0, var 1 − eps) = x·scale + shift

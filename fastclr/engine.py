@@ -1,14 +1,17 @@
 """The network on DeepSpeed, ready to step: SimCLR model, LARS as the client optimizer, channels_last parameters,
-torch.compile, and the gradient buckets whose all-reduce overlaps backward."""
+torch.compile by region, and the gradient buckets whose all-reduce overlaps backward."""
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
 
 from .allreduce import GradientBuckets
 from .config import BatchPlan, Config, deepspeed_config
 from .models import build_model
+from .models.heads import ProjectionHead
+from .models.resnet import BasicBlock, Bottleneck, ResNet
 from .models.momentum import MomentumMemory
 from .optim import LARS, param_groups
 from .runtime import Runtime
@@ -22,6 +25,55 @@ def norm_layer(cfg: Config, world_size: int):
     from .distributed import global_bn_layer
 
     return global_bn_layer(size)
+
+
+def compile_regions(model: torch.nn.Module, **compile_kwargs) -> int:
+    """``torch.compile`` every residual block and the projection head, each in place; returns how many.
+
+    Not the whole network: a compiled graph's backward is one autograd node, and the gradient hooks of its parameters
+    (``GradientBuckets._ready``, which starts each bucket's all-reduce) fire only once that node has returned. One
+    graph for the network would hold every all-reduce back to the end of backward, so nothing overlaps; a graph per
+    block releases each block's gradients as soon as its backward is done, while the blocks below still run.
+    Measured with ``python -m benchmarks.overlap`` (aot_eager on the CPU; the hooks of the first bucket to fill,
+    the head's and the last blocks'): whole-network compile makes that bucket ready 0.9 ms (1%) before backward ends,
+    per-region compile 102 ms (89%; eager 98%). Blocks of one shape share a compiled graph (parameters are graph
+    inputs). The stem is compiled as one more region. The price is fusion across blocks: on the CPU (inductor, bf16,
+    ResNet-18 32 px b256) the per-region step ran 0.80x eager where the whole-network one ran 1.25x, which is why
+    one rank, with no all-reduce to hide, compiles the whole network (:func:`compile_network`).
+    """
+    # Each distinct block shape (a stage's first block and the rest, at training and evaluation batch sizes) is one
+    # more graph of the same code object; Dynamo's default of 8 would fall back to eager for the later stages.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # Static shapes: blocks of the same code but other shapes (every stage) would otherwise turn Dynamo's automatic
+    # dynamic shapes on after the second one, and every later graph would be a generic one (measured on the CPU:
+    # ResNet-18 step 0.67x eager that way).
+    compile_kwargs.setdefault("dynamic", False)
+    regions = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck, ProjectionHead))]
+    for m in regions:
+        m.compile(**compile_kwargs)
+    stems = [m for m in model.modules() if isinstance(m, ResNet)]
+    if stems:
+        # The stem's conv, norm and ReLU run at the full input resolution: as costly as a block, and its parameters'
+        # gradients come last anyway. Compiled as a method, so its modules keep their names (conv1, bn1); bound
+        # with MethodType, so a deep copy of the network binds the copy's stem, not this one.
+        stem = torch.compile(ResNet.stem, **compile_kwargs)
+        for m in stems:
+            m.stem = types.MethodType(stem, m)
+    return len(regions) + len(stems)
+
+
+def compile_network(model: torch.nn.Module, world_size: int, overlap: bool, **compile_kwargs) -> str:
+    """``torch.compile`` in place (parameter names and checkpoints unchanged); returns 'regions' or 'whole'.
+
+    Several ranks overlapping their all-reduce: per region (:func:`compile_regions`), so that gradients leave each
+    block as its backward ends. One rank has nothing to overlap: one graph, which fuses across the blocks (the
+    ResNet-18 CPU step: whole 1.25x eager, per region 0.80x; bf16, inductor, same run).
+    """
+    if world_size > 1 and overlap:
+        compile_regions(model, **compile_kwargs)
+        return "regions"
+    model.compile(**compile_kwargs)
+    return "whole"
 
 
 def build_engine(cfg: Config, rt: Runtime, plan: BatchPlan, peak_lr: float):
@@ -44,7 +96,7 @@ def build_engine(cfg: Config, rt: Runtime, plan: BatchPlan, peak_lr: float):
         # references.
         engine.module.to(memory_format=torch.channels_last)
     if cfg.model.compile == "true" or (cfg.model.compile == "auto" and rt.cuda):
-        engine.module.compile(mode=cfg.model.compile_mode)  # in place: parameter names and checkpoints unchanged
+        compile_network(engine.module, rt.world_size, cfg.distributed.overlap_comm, mode=cfg.model.compile_mode)
     # After the layout change: the gradient views take each parameter's strides.
     grads = GradientBuckets(engine.module.parameters(), rt.world_size, cfg.distributed.bucket_mb,
                             first_bucket_mb=cfg.distributed.first_bucket_mb,

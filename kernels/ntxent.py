@@ -32,12 +32,50 @@ import torch
 import triton
 import triton.language as tl
 
-# Widest embedding the kernels take: a block of anchors and its fp32 gradient accumulator keep the whole row in
-# registers (BLOCK_D = next power of two ≥ d). SimCLR projection heads are 128 wide.
-MAX_D = 256
-
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
+
+# Launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) by kernel, operand width in bits (16: bf16/fp16
+# operands on the tensor cores; 32: fp32 operands, dots as tf32x3) and BLOCK_D. Each one compiles for sm_80 and
+# sm_90 within the target's shared memory (163 / 227 KB) and without a register spill: tests/kernels/
+# test_ntxent_aot.py compiles every entry ahead of time with Triton's own ptxas and fails on any that does not
+# (``python -m kernels.aot`` prints the resources). Chosen from ahead-of-time sweeps over tile shapes, warps and
+# stages; the autotuner picks among a key's entries at run time. fp32 stops at BLOCK_D = 128: at 256 every tf32x3
+# tile shape tried spills (16x32 to 128x64, 4 or 8 warps, 1-3 stages; the column gradient also needs 320-642 KB of
+# shared memory), so fp32 embeddings wider than 128 are refused here and go to the PyTorch ``tiled`` loss.
+# "cols" tiles are (anchors per inner step, columns per program).
+CONFIGS = {
+    "fwd": {16: {64: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+                 128: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3)],
+                 256: [(128, 64, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)]},
+            32: {64: [(64, 32, 4, 2), (32, 64, 8, 2)],
+                 128: [(32, 64, 8, 2), (64, 16, 8, 2)]}},
+    "rows": {16: {64: [(128, 64, 8, 3), (64, 64, 4, 3), (32, 64, 8, 3)],
+                  128: [(64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 3)],
+                  256: [(32, 32, 8, 3), (32, 32, 4, 3)]},
+             32: {64: [(32, 64, 8, 2), (32, 32, 8, 2)],
+                  128: [(16, 64, 8, 2), (16, 32, 8, 2)]}},
+    "cols": {16: {64: [(64, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+                  128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 3)],
+                  256: [(64, 32, 8, 2)]},
+             32: {64: [(64, 32, 8, 2), (32, 64, 8, 1)],
+                  128: [(64, 16, 8, 2), (32, 16, 8, 2)]}},
+}
+# The smallest BLOCK_D launched on a GPU: every width d ≤ 64 runs the 64 entries (masked), so the table covers every
+# BLOCK_D a launch can have. The interpreter keeps 16, as its programs run one after another on the CPU.
+MIN_BLOCK_D = 16 if _INTERPRET else 64
+# Widest embedding the kernels take, by operand bits: a block of anchors and its fp32 gradient accumulator keep the
+# whole row in registers (BLOCK_D = next power of two ≥ d). SimCLR projection heads are 128 wide.
+MAX_D = {bits: max(table) for bits, table in CONFIGS["fwd"].items()}
+
+
+def block_d(d: int) -> int:
+    """The BLOCK_D a width-``d`` launch compiles with."""
+    return max(MIN_BLOCK_D, triton.next_power_of_2(d))
+
+
+def operand_bits(dtype: torch.dtype) -> int:
+    return 32 if dtype == torch.float32 else 16
 
 
 def _cpu_bench(kernel_call, quantiles):
@@ -48,18 +86,26 @@ def _cpu_bench(kernel_call, quantiles):
     return [ms for _ in quantiles]
 
 
-def _configs(block_pairs):
+def _configs(kernel: str):
+    """Every configuration of the kernel's table (the autotuner's list; ``_pruner`` keeps those of a launch)."""
     if _INTERPRET:
         # The interpreter runs programs one after another: small tiles, and two configs so autotuning is exercised.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}), triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn in block_pairs for w in (4, 8) for s in (2, 3)]
+    seen = dict.fromkeys(c for by_d in CONFIGS[kernel].values() for cs in by_d.values() for c in cs)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in seen]
 
 
-# Anchor-major kernels (forward, row gradient) want tall anchor blocks; at small M (few anchors per GPU) the smaller
-# BLOCK_M keeps more programs in flight than there are SMs.
-_ROW_CONFIGS = _configs([(128, 64), (64, 64), (64, 128), (32, 64)])
-_COL_CONFIGS = _configs([(64, 128), (64, 64), (128, 64), (32, 128)])
+def _pruner(kernel: str):
+    """The autotuner's early prune: only the table's entries for this launch's operand bits and BLOCK_D."""
+    def prune(configs, named_args, **kwargs):
+        if _INTERPRET:
+            return configs
+        bits = operand_bits(named_args["R"].dtype)
+        keep = set(CONFIGS[kernel][bits][kwargs["BLOCK_D"]])
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+    return {"early_config_prune": prune}
+
+
 _BENCH = _cpu_bench if _INTERPRET else None
 
 
@@ -84,7 +130,8 @@ def _load_rows(X, offs, n, stride, offs_d, D, UPCAST: tl.constexpr):
     return x
 
 
-@triton.autotune(configs=_ROW_CONFIGS, key=["M", "K", "NQ", "D"], do_bench=_BENCH)
+@triton.autotune(configs=_configs("fwd"), key=["M", "K", "NQ_TUNE", "D"], prune_configs_by=_pruner("fwd"),
+                 do_bench=_BENCH)
 @triton.jit
 def _fwd_kernel(
     R,  # (M, D) normalized anchors of this rank
@@ -99,6 +146,7 @@ def _fwd_kernel(
     M,  # anchors on this rank, 2n
     K,  # batch columns, 2N
     NQ,  # queue columns, Q ≥ 0
+    NQ_TUNE,  # autotune key only: Q rounded up to a power of two, so a filling queue retunes log2(Q) times, not each step
     D,  # embedding width
     HALF,  # n: anchors per view on this rank
     ROW_OFFSET,  # global index of this rank's first sample
@@ -150,7 +198,8 @@ def _fwd_kernel(
     tl.store(LOSS + offs_m, tl.maximum(margin, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(margin))), mask=row_ok)
 
 
-@triton.autotune(configs=_ROW_CONFIGS, key=["M", "K", "NQ", "D"], do_bench=_BENCH)
+@triton.autotune(configs=_configs("rows"), key=["M", "K", "NQ_TUNE", "D"], prune_configs_by=_pruner("rows"),
+                 do_bench=_BENCH)
 @triton.jit
 def _bwd_rows_kernel(
     R,  # (M, D) normalized anchors
@@ -166,6 +215,7 @@ def _bwd_rows_kernel(
     M,  # anchors, 2n
     K,  # batch columns, 2N
     NQ,  # queue columns
+    NQ_TUNE,  # autotune key only: Q rounded up to a power of two
     D,  # embedding width
     HALF,  # n
     ROW_OFFSET,  # global index of this rank's first sample
@@ -206,7 +256,7 @@ def _bwd_rows_kernel(
              mask=row_ok[:, None] & (offs_d < D)[None, :])
 
 
-@triton.autotune(configs=_COL_CONFIGS, key=["M", "K", "D"], do_bench=_BENCH)
+@triton.autotune(configs=_configs("cols"), key=["M", "K", "D"], prune_configs_by=_pruner("cols"), do_bench=_BENCH)
 @triton.jit
 def _bwd_cols_kernel(
     R,  # (M, D) normalized anchors
@@ -266,8 +316,11 @@ def _check(rows: torch.Tensor, cols: torch.Tensor, queue: torch.Tensor, row_offs
     if not (rows.is_cuda or _INTERPRET):
         raise ValueError(f"the NT-Xent kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import), "
                          f"got {rows.device}")
-    if rows.shape[1] > MAX_D:
-        raise ValueError(f"embedding width d must be ≤ {MAX_D}, got {rows.shape[1]}")
+    widest = MAX_D[operand_bits(rows.dtype)]
+    if rows.shape[1] > widest:
+        raise ValueError(f"embedding width d must be ≤ {widest} for {rows.dtype} operands (fp32: 128, bf16/fp16: 256, "
+                         f"kernels/ntxent.py CONFIGS), got {rows.shape[1]}; multiply in bf16/fp16 (dot_dtype) or use "
+                         "the PyTorch 'tiled' loss")
     if rows.shape[0] == 0 or rows.shape[0] % 2 or cols.shape[0] != 2 * n_global:
         raise ValueError(f"rows must hold 2n ≥ 2 anchors and cols 2·n_global={2 * n_global} columns, got "
                          f"{rows.shape[0]} and {cols.shape[0]}")
@@ -275,12 +328,23 @@ def _check(rows: torch.Tensor, cols: torch.Tensor, queue: torch.Tensor, row_offs
         raise ValueError(f"row_offset {row_offset} puts {rows.shape[0] // 2} samples outside the {n_global} global ones")
 
 
+def launch_constants(dtype: torch.dtype, d: int) -> dict:
+    """The constexprs of a launch besides the tile shape, for ``dtype`` operands of width ``d`` (also what
+    kernels/aot.py compiles with)."""
+    return dict(BLOCK_D=block_d(d), UPCAST=_INTERPRET, DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32")
+
+
 def _launch_args(rows, cols, row_offset, n_global, temperature):
     """Arguments shared by the three kernels after the pointers and strides."""
     m, d = rows.shape
     return dict(M=m, K=cols.shape[0], D=d, HALF=m // 2, ROW_OFFSET=row_offset, N_GLOBAL=n_global,
-                qk_scale=_LOG2E / temperature, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                UPCAST=_INTERPRET, DOT_PRECISION="tf32x3" if rows.dtype == torch.float32 else "tf32")
+                qk_scale=_LOG2E / temperature, **launch_constants(rows.dtype, d))
+
+
+def _tune_length(q: int) -> int:
+    """The queue length the autotuner keys on: 0, or Q rounded up to a power of two. The momentum memory grows by a
+    batch of keys per step until full; keyed on Q itself, every step of the filling would be a new autotuning."""
+    return triton.next_power_of_2(q) if q else 0
 
 
 def _queue_pointer(queue, cols):
@@ -298,7 +362,7 @@ def ntxent_forward(rows, cols, queue, row_offset, n_global, temperature):
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
     q = _queue_pointer(queue, cols)
     _fwd_kernel[grid](rows, cols, q, loss, lse, w, rows.stride(0), cols.stride(0), q.stride(0),
-                      NQ=queue.shape[0], **args)
+                      NQ=queue.shape[0], NQ_TUNE=_tune_length(queue.shape[0]), **args)
     return loss, lse, w
 
 
@@ -312,7 +376,7 @@ def ntxent_backward(rows, cols, queue, lse, w, row_offset, n_global, temperature
     q = _queue_pointer(queue, cols)
     _bwd_rows_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
         rows, cols, q, lse, w, d_rows, rows.stride(0), cols.stride(0), q.stride(0), d_rows.stride(0),
-        NQ=queue.shape[0], **args)
+        NQ=queue.shape[0], NQ_TUNE=_tune_length(queue.shape[0]), **args)
     _bwd_cols_kernel[lambda meta: (triton.cdiv(k, meta["BLOCK_N"]),)](
         rows, cols, lse, w, d_cols, rows.stride(0), cols.stride(0), d_cols.stride(0), **args)
     return d_rows, d_cols

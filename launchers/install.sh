@@ -4,19 +4,26 @@
 #   bash launchers/install.sh --test    # that, plus the test runner (and Kornia, which the benchmark tests run), and
 #                                       # as root on Debian/Ubuntu Slurm + munge for the real-cluster tests
 #   bash launchers/install.sh --bench   # that, plus Kornia for the data benchmark's baseline
+#   bash launchers/install.sh --test --no-slurm   # the test runner without Slurm (the GPU acceptance run's install)
 # Device selection: automatic (an NVIDIA driver answering `nvidia-smi` → CUDA builds), or forced with
 # FASTCLR_DEVICE=cpu | cuda12 | cuda13.
 #   cpu:    torch==2.13.0 (CPU build; an unpinned torch pulls a multi-GB CUDA build) + DALI's CPU operators
-#   cudaNN: PyPI's CUDA build of torch (brings triton) + nvidia-dali-cudaNN0 for the driver's CUDA major version
+#   cudaNN: torch==2.13.0 (the release the suite is tested with) built for CUDA NN, from PyTorch's own index for that
+#           CUDA major version (TORCH_INDEX; cu128 builds for any CUDA 12 driver, cu130 for CUDA 13), brings triton;
+#           + nvidia-dali-cudaNN0. A CPU build of torch already in .venv is removed first, not kept.
+#           TORCH_SPEC overrides the pin (e.g. TORCH_SPEC="torch==2.7.1" for a driver older than CUDA 12.8's
+#           minimum), TORCH_INDEX the index ("" = the default package index).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
+no_slurm=0
 for arg in "$@"; do
   case "$arg" in
     --test) extras="$extras,test" ;;
     --bench) extras="$extras,bench" ;;
-    *) echo "install.sh: unknown option '$arg' (use --test and/or --bench)" >&2; exit 2 ;;
+    --no-slurm) no_slurm=1 ;;
+    *) echo "install.sh: unknown option '$arg' (use --test, --bench, --no-slurm)" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-python3}
@@ -33,7 +40,7 @@ PYEOF
 # --test: Debian's Slurm (slurm-wlm 22.05) and munge, for the test suite's real two-node cluster on this machine
 # (launchers/slurm/local_cluster.sh). Without root they are only suggested: those tests then skip, saying why.
 slurm=()
-if [[ ",$extras," == *,test,* ]]; then
+if [[ ",$extras," == *,test,* ]] && [ "$no_slurm" = 0 ]; then
   command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 || slurm+=("slurm-wlm")
   command -v munged >/dev/null 2>&1 || slurm+=("munge")
   if [ ${#slurm[@]} -gt 0 ]; then
@@ -67,11 +74,22 @@ if [ "$device" = auto ]; then
   fi
 fi
 echo "install.sh: installing for $device"
+TESTED_TORCH="torch==2.13.0"
 case "$device" in
-  cpu)    python -m pip install -q "torch==2.13.0" ;;
-  # PyPI's Linux torch wheel is a CUDA build carrying its own CUDA runtime; a driver older than that runtime needs
-  # TORCH_SPEC pointing at an older torch release (e.g. TORCH_SPEC="torch==2.7.1" for CUDA 12.6 drivers).
-  cuda12|cuda13) python -m pip install -q "${TORCH_SPEC:-torch}" ;;
+  cpu)    python -m pip install -q "$TESTED_TORCH" ;;
+  cuda12|cuda13)
+    # A torch already here that is not a CUDA build of this major version (a CPU build from an earlier CPU install,
+    # or another CUDA major) would satisfy pip's requirement and stay: remove it first.
+    want_major=${device#cuda}
+    have=$(python -c "import torch; print(torch.version.cuda or 'cpu')" 2>/dev/null || echo none)
+    if [ "$have" != none ] && [ "${have%%.*}" != "$want_major" ]; then
+      echo "install.sh: replacing torch built for '$have' with a CUDA $want_major build"
+      python -m pip uninstall -q -y torch
+    fi
+    index_default="https://download.pytorch.org/whl/cu128"
+    [ "$device" = cuda13 ] && index_default="https://download.pytorch.org/whl/cu130"
+    index=${TORCH_INDEX-$index_default}
+    python -m pip install -q "${TORCH_SPEC:-$TESTED_TORCH}" ${index:+--index-url "$index"} ;;
   *) echo "install.sh: FASTCLR_DEVICE must be cpu, cuda12 or cuda13, got '$device'" >&2; exit 1 ;;
 esac
 python -m pip install -q -e ".[${device}${extras}]"

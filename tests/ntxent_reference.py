@@ -81,3 +81,41 @@ def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     err = (actual.detach().double() - expected.detach().double()).abs().max().item()
     scale = expected.detach().double().abs().max().item()
     return err / scale if scale > 0 else err
+
+
+def streamed_reference(rows: torch.Tensor, cols: torch.Tensor, row_offset: int, n_global: int, temperature: float,
+                       chunk: int = 1 << 18):
+    """(loss, d_rows, d_cols) of anchors ``rows`` (M, d) against every column ``cols`` (2N, d), both already unit
+    rows, in their own dtype (use fp64, or fp32 with TF32 off), with the columns streamed ``chunk`` at a time so the
+    largest temporary is (M, chunk): for column counts whose (M, 2N) matrix would not fit. The plain formula, in two
+    passes (log-sum-exp over each anchor's negatives, then the gradient (P − Y)/(M τ) through rows and columns);
+    anchor layout as the kernels': anchor i < n is sample row_offset + i of view a, its own column row_offset + i,
+    its positive N + row_offset + i; anchor n + i the reverse."""
+    m, k = rows.shape[0], cols.shape[0]
+    n = m // 2
+    sample = row_offset + torch.arange(n, device=rows.device)
+    own = torch.cat([sample, n_global + sample])
+    pos = torch.cat([n_global + sample, sample])
+    top = torch.full((m,), float("-inf"), dtype=rows.dtype, device=rows.device)
+    total = torch.zeros(m, dtype=rows.dtype, device=rows.device)
+    s_pos = torch.zeros(m, dtype=rows.dtype, device=rows.device)
+    for j0 in range(0, k, chunk):
+        j = torch.arange(j0, min(j0 + chunk, k), device=rows.device)
+        s = rows @ cols[j0:j0 + len(j)].t() / temperature  # (M, c)
+        s_pos += torch.where(j[None] == pos[:, None], s, 0.0).sum(1)
+        s = s.masked_fill((j[None] == own[:, None]) | (j[None] == pos[:, None]), float("-inf"))
+        new_top = torch.maximum(top, s.max(1).values)
+        total = total * torch.exp(top - new_top) + torch.exp(s - new_top[:, None]).sum(1)
+        top = new_top
+    lse = top + torch.log(total)  # over the negatives
+    loss = F.softplus(lse - s_pos).mean()
+    w = torch.sigmoid(lse - s_pos)  # 1 − p_pos
+    d_rows, d_cols = torch.zeros_like(rows), torch.empty_like(cols)
+    for j0 in range(0, k, chunk):
+        j = torch.arange(j0, min(j0 + chunk, k), device=rows.device)
+        c = cols[j0:j0 + len(j)]
+        g = w[:, None] * torch.exp(rows @ c.t() / temperature - lse[:, None])
+        g = torch.where(j[None] == pos[:, None], -w[:, None], g).masked_fill(j[None] == own[:, None], 0.0)
+        d_rows += g @ c / (m * temperature)
+        d_cols[j0:j0 + len(j)] = g.t() @ rows / (m * temperature)
+    return loss, d_rows, d_cols

@@ -70,17 +70,23 @@ def random_view(images, aug, image_size: int, *, device: str, params: dict | Non
         params["contrast"] = contrast = _factor(jit, max(0.0, 1 - 0.8 * s), 1 + 0.8 * s)
         params["saturation"] = saturation = _factor(jit, max(0.0, 1 - 0.8 * s), 1 + 0.8 * s)
         params["hue"] = hue = jit * fn.random.uniform(range=(-0.2 * s * 360.0, 0.2 * s * 360.0))  # degrees
-        means = fn.reductions.mean(images, axes=(0, 1))  # (3,) per-channel means of each crop
+        # out = brightness · (center + contrast · (in − center)): the contrast keeps the crop's mean luma, as
+        # torchvision's. Written as gain · in + shift with a per-sample shift, in DALI's arithmetic, because operator
+        # arguments (brightness_contrast's contrast_center) must be CPU values: the mean of a GPU crop would come
+        # back to the host every iteration. Here it never leaves the images' device; only the drawn factors go the
+        # other way (a few bytes per sample, host to device, no wait).
+        means = fn.reductions.mean(images, axes=(0, 1))  # (3,) per-channel means of each crop, on its device
+        center = means[0] * LUMA[0] + means[1] * LUMA[1] + means[2] * LUMA[2]  # () mean luma
+        gain, keep = brightness * contrast, brightness * (1.0 - contrast)  # CPU scalars per sample
         if device == "gpu":
-            means = means.cpu()  # operator arguments live on the CPU: 3 floats per sample come back
-        center = means[0] * LUMA[0] + means[1] * LUMA[1] + means[2] * LUMA[2]
-        # out = brightness · (center + contrast · (in − center)): the contrast keeps the mean luma, as torchvision's.
-        images = fn.brightness_contrast(images, brightness=brightness, contrast=contrast, contrast_center=center)
+            gain, keep = gain.gpu(), keep.gpu()
+        # float32 HWC, clipped as brightness_contrast clips; the hsv below rounds it back to uint8.
+        images = dmath.clamp(images * gain + keep * center, 0.0, 255.0)
     if gray_on:
         params["gray"] = gray = fn.random.coin_flip(probability=aug.grayscale_p)
         saturation = (1 - gray) * (saturation if saturation is not None else 1.0)
     if jitter_on:
-        images = fn.hsv(images, hue=hue, saturation=saturation)
+        images = fn.hsv(images, hue=hue, saturation=saturation, dtype=types.UINT8)
     elif gray_on:
         images = fn.hsv(images, saturation=saturation)
 

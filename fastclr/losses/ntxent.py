@@ -56,20 +56,23 @@ def ntxent_naive(rows: torch.Tensor, cols: torch.Tensor, row_offset: int, n_glob
     return F.softplus(lse_neg - pos).mean()
 
 
-def _ntxent_triton(rows, cols, row_offset, n_global, temperature, queue=None, dot_dtype=None):
+def _kernel_module():
     try:
-        from fastclr_kernels import ntxent as _kernel
+        from fastclr_kernels import ntxent as kernel
     except ImportError:  # running from a source tree without install
-        from kernels import ntxent as _kernel
-    return _kernel.ntxent(rows, cols, row_offset, n_global, temperature, queue, dot_dtype)
+        from kernels import ntxent as kernel
+    return kernel
 
 
-def _triton_max_d() -> int:
-    try:
-        from fastclr_kernels import ntxent as _kernel
-    except ImportError:
-        from kernels import ntxent as _kernel
-    return _kernel.MAX_D
+def _ntxent_triton(rows, cols, row_offset, n_global, temperature, queue=None, dot_dtype=None):
+    return _kernel_module().ntxent(rows, cols, row_offset, n_global, temperature, queue, dot_dtype)
+
+
+def _triton_max_d(dtype: torch.dtype) -> int:
+    """The kernels' widest d for embeddings of ``dtype`` (bf16/fp16 are multiplied in their own dtype, fp32 as
+    tf32x3, which the kernels take only up to 128 wide)."""
+    kernel = _kernel_module()
+    return kernel.MAX_D[kernel.operand_bits(dtype)]
 
 
 def _check_inputs(z_a, z_b, temperature, impl):
@@ -120,24 +123,25 @@ def _check_queue(queue, z_a) -> None:
 
 def _resolve_impl(impl: str, z: torch.Tensor) -> str:
     if impl == "auto":
-        if z.is_cuda and z.shape[1] <= _triton_max_d_or_zero():
+        if z.is_cuda and z.shape[1] <= _triton_max_d_or_zero(z.dtype):
             return "triton"
         return "tiled"
     if impl == "triton":
         if not z.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU "
                              f"interpreter), got tensors on {z.device}; use impl='auto' or 'tiled'")
-        max_d = _triton_max_d()
+        max_d = _triton_max_d(z.dtype)
         if z.shape[1] > max_d:
-            raise ValueError(f"impl='triton' supports embedding width d ≤ {max_d}, got z_a of width {z.shape[1]}; "
-                             "use impl='tiled'")
+            raise ValueError(f"impl='triton' supports embedding width d ≤ {max_d} for {z.dtype} embeddings (fp32 "
+                             f"≤ 128, bf16/fp16 ≤ 256), got z_a of width {z.shape[1]}; use impl='tiled' or 'auto', or "
+                             "bf16/fp16 embeddings")
     return impl
 
 
-def _triton_max_d_or_zero() -> int:
+def _triton_max_d_or_zero(dtype: torch.dtype) -> int:
     """The kernel's widest d, or 0 when Triton cannot be imported (``auto`` then falls back to ``tiled``)."""
     try:
-        return _triton_max_d()
+        return _triton_max_d(dtype)
     except ImportError:
         return 0
 
@@ -152,7 +156,8 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.1, impl
     the triton impl multiplies the fp32-normalized embeddings in that dtype on the tensor cores, accumulating and
     returning gradients in fp32).
 
-    ``impl``: "naive" | "tiled" | "triton" | "auto" (triton for CUDA tensors when d ≤ the kernel's limit, else tiled).
+    ``impl``: "naive" | "tiled" | "triton" | "auto" (triton for CUDA tensors when d ≤ the kernel's limit — 256 for
+    bf16/fp16 embeddings, 128 for fp32 — else tiled).
 
     ``group``: None for in-batch negatives only; "world" or a ProcessGroup for global negatives. Then every rank
     scores its own 2n anchors against the 2N = 2·n·world embeddings of all ranks, gathered with gradient, and the

@@ -163,8 +163,11 @@ class ResNet(nn.Module):
                 if isinstance(m, (BasicBlock, Bottleneck)) and getattr(m.residual_norm, "weight", None) is not None:
                     nn.init.zeros_(m.residual_norm.weight)
 
+    def stem(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 64w, H/4, W/4); H/s, W/s with cifar_stem
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, feature_dim)
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64w, H/4, W/4); (B, 64w, H/s, W/s) with cifar_stem
+        x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, feature_dim, H/32, W/32)
         return torch.flatten(self.avgpool(x), 1)  # (B, feature_dim)
 

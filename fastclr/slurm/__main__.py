@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import replace
 from typing import Sequence
 
+from .interfaces import gloo_env
 from .launch import (DEFAULT_MODE, DEFAULT_RECIPE, MODES, PRETRAIN_SCRIPT, describe, launch_command, node_address,
                      task_command, trainer_args)
 from .world import SlurmError, SlurmWorld, hostfile_text
@@ -91,6 +92,10 @@ def _exec_main(argv: Sequence[str]) -> int:
             f.write(hostfile_text(world))
         os.replace(hostfile + ".part", hostfile)
     cmd, extra = task_command(world, a.mode, command, hostfile)
+    gloo, note = gloo_env(os.environ)  # on the node itself: interface names differ between nodes
+    extra.update(gloo)
+    if note and world.localid in (None, 0):
+        print(f"fastclr: node {world.node}: {note}", file=sys.stderr)
     env = dict(os.environ)
     for key, value in extra.items():
         if key == "OMP_NUM_THREADS" and key in env:

@@ -108,11 +108,11 @@ def test_flip_rate_and_effect():
 
 
 def colour_reference(x, b, c, s, hue_deg, gray):
-    """torchvision-style jitter in the order used by the graph: brightness·contrast about the mean luma (rounded to
-    uint8), then saturation (0 if gray) and hue as a YIQ map (rounded)."""
+    """torchvision-style jitter in the order used by the graph: brightness·contrast about the mean luma (clipped to
+    [0, 255], kept in float), then saturation (0 if gray) and hue as a YIQ map (rounded)."""
     xf = x.astype(np.float64)
     center = (xf @ YIQ[0]).mean()
-    y = np.clip(np.round(b * (center + c * (xf - center))), 0, 255)
+    y = np.clip(b * (center + c * (xf - center)), 0, 255)
     t = np.deg2rad(hue_deg)
     rot = np.array([[1, 0, 0], [0, np.cos(t), np.sin(t)], [0, -np.sin(t), np.cos(t)]])
     sat = 0.0 if gray else s
@@ -207,6 +207,28 @@ def test_blur_p_zero_builds_no_blur_operator():
     assert b"GaussianBlur" not in pipe.serialize()
 
 
+def _gpu_to_cpu_edges(pipe) -> list[str]:
+    """Operators on the CPU fed by a GPU operator's output (a ``.cpu()`` copy, invisible in the operator list)."""
+    def source_device(node):
+        return getattr(getattr(node.source, "_op", None), "device", None)
+
+    return [f"{op._op.schema_name} <- {i.name}" for op in pipe._ops if op._op.device == "cpu"
+            for i in op._inputs if source_device(i) == "gpu"]
+
+
+def test_the_edge_check_sees_a_device_to_host_copy():
+    @pipeline_def
+    def with_copy():
+        x = fn.external_source(source=lambda: None, batch=True, dtype=types.UINT8, ndim=3, layout="HWC").gpu()
+        center = fn.reductions.mean(x, axes=(0, 1)).cpu()[0]  # what the colour jitter once did
+        return fn.brightness_contrast(x, contrast_center=center)
+
+    pipe = with_copy(batch_size=2, num_threads=1, device_id=0)
+    pipe._build_graph()
+    edges = _gpu_to_cpu_edges(pipe)
+    assert len(edges) == 1 and edges[0].startswith("_TensorSubscript <- "), edges
+
+
 @pytest.mark.parametrize("encoded", [True, False])
 def test_gpu_graph_places_every_image_operator_on_the_gpu(encoded):
     """Traced without a GPU (graph construction only, no build): decode is 'mixed', every image operator 'gpu', and
@@ -221,12 +243,17 @@ def test_gpu_graph_places_every_image_operator_on_the_gpu(encoded):
     for op in pipe._ops:
         name = getattr(op._op, "schema_name", type(op._op).__name__)  # ExternalSource is a Python class
         devices.setdefault(name, set()).add(op._op.device)
-    image_ops = ("RandomResizedCrop", "BrightnessContrast", "Hsv", "GaussianBlur", "CropMirrorNormalize",
-                 "reductions__Mean", "_conditional__Merge")
+    image_ops = ("RandomResizedCrop", "Hsv", "GaussianBlur", "CropMirrorNormalize", "reductions__Mean",
+                 "_conditional__Merge")
     for name in image_ops:
         assert devices.pop(name) == {"gpu"}, name
+    # The crop's mean luma stays on the GPU: no operator brings GPU data back to the host (once, a `.cpu()` of the
+    # per-crop means fed brightness_contrast's contrast_center: a device-to-host copy every iteration).
+    assert not _gpu_to_cpu_edges(pipe)
     assert devices.pop("decoders__Image", {"mixed"}) == {"mixed"}
     assert devices.pop("_conditional__Split") == {"cpu", "gpu"}  # the images split on the GPU, sigma on the CPU
+    assert devices.pop("_ArithmeticGenericOp") == {"cpu", "gpu"}  # drawn factors on the CPU; pixels, luma on the GPU
+    assert devices.pop("_TensorSubscript") == {"gpu"}  # the per-crop means' channels
     assert all(d == {"cpu"} for d in devices.values()), devices
     assert set(devices) <= {"ExternalSource", "random__CoinFlip", "random__Uniform", "_ArithmeticGenericOp",
                             "_TensorSubscript", "Cast"}

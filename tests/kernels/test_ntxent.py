@@ -154,3 +154,37 @@ def test_low_precision_dots_return_fp32_gradients():
     assert grad.dtype == torch.float32
     # bf16 has 8 significant bits: a gradient rounded to it would leave the low 16 bits of every fp32 word zero.
     assert (grad.view(torch.int32) & 0xFFFF).count_nonzero() > grad.numel() // 2
+
+
+def test_fp32_wider_than_128_is_refused_and_auto_routes_it_to_tiled():
+    """fp32 operands (tf32x3 dots) stop at d = 128: wider tiles spill on sm_80/sm_90 (tests/kernels/
+    test_ntxent_aot.py). bf16 operands go to 256; ``auto`` sends what the kernels refuse to the tiled loss."""
+    from fastclr.losses.ntxent import _resolve_impl
+    from kernels import ntxent as kernel
+
+    z = torch.randn(3, 129)
+    with pytest.raises(ValueError, match=r"d ≤ 128 for torch.float32"):
+        nt_xent(z, z + 0.1, 0.2, impl="triton")
+    with pytest.raises(ValueError, match=r"≤ 128 for torch.float32 operands"):
+        kernel.ntxent(F.normalize(torch.cat([z, z]), dim=1), F.normalize(torch.cat([z, z]), dim=1), 0, 3, 0.2)
+    assert _resolve_impl("triton", z.bfloat16()) == "triton"
+    with pytest.raises(ValueError, match=r"d ≤ 256"):
+        _resolve_impl("triton", torch.randn(3, 257).bfloat16())
+    assert _resolve_impl("auto", z) == "tiled"  # not CUDA here; on CUDA: fp32 d = 129 → tiled, bf16 → triton
+    # fp32 embeddings multiplied in bf16 take the bf16 limit: the operands are what the tiles hold.
+    loss = kernel.ntxent(F.normalize(torch.cat([z, z + 0.1]), dim=1), F.normalize(torch.cat([z, z + 0.1]), dim=1),
+                         0, 3, 0.2, None, torch.bfloat16)
+    assert torch.isfinite(loss)
+
+
+def test_a_filling_queue_retunes_once_per_power_of_two():
+    """The autotune key holds the queue length rounded up to a power of two: the momentum memory's queue grows by a
+    batch every step until full, and keyed on its exact length every step would autotune again."""
+    from kernels import ntxent as kernel
+
+    z = F.normalize(torch.randn(10, 16), dim=1).to(DEVICE)
+    before = len(kernel._fwd_kernel.cache)
+    lengths = (3, 5, 7, 9, 13, 17, 30, 33)
+    for q in lengths:
+        kernel.ntxent_forward(z, z, _queue(q, 16, q).to(DEVICE), 0, 5, 0.2)
+    assert len(kernel._fwd_kernel.cache) - before == len({kernel._tune_length(q) for q in lengths}) == 5
