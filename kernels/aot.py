@@ -40,10 +40,7 @@ _FP32_POINTERS = ("LOSS", "LSE", "W", "DR", "DC")
 
 def _kernel_module():
     os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        from fastclr_kernels import ntxent
-    except ImportError:
-        from kernels import ntxent
+    from . import ntxent
     if ntxent.MIN_BLOCK_D != 64:
         raise RuntimeError("kernels.ntxent was imported in interpreter mode; run the compile in a fresh process")
     return ntxent

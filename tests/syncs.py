@@ -51,10 +51,13 @@ def _bool_index(args) -> bool:
 def _site() -> str:
     """The innermost frame of project code (fastclr, kernels, benchmarks) that made the call."""
     frames = traceback.extract_stack()[:-2]
+    root = os.path.dirname(_HERE)
     for f in reversed(frames):
-        path = f.filename
-        if any(part in path for part in ("/fastclr/", "/kernels/", "/benchmarks/", "/tests/test_")):
-            return f"{os.path.relpath(path, os.path.dirname(_HERE))}:{f.lineno} {f.line}"
+        # Relative to the checkout, so that a checkout that is itself in a folder named fastclr/ (or an installed
+        # package's site-packages) does not pass for project code.
+        rel = os.path.relpath(f.filename, root)
+        if rel.startswith(("fastclr/", "kernels/", "benchmarks/", "tests/test_")):
+            return f"{rel}:{f.lineno} {f.line}"
     f = frames[-1]
     return f"{f.filename}:{f.lineno} {f.line}"
 
