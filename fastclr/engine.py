@@ -37,16 +37,15 @@ def compile_regions(model: torch.nn.Module, **compile_kwargs) -> int:
     Measured with ``python -m benchmarks.overlap`` (aot_eager on the CPU; the hooks of the first bucket to fill,
     the head's and the last blocks'): whole-network compile makes that bucket ready 0.9 ms (1%) before backward ends,
     per-region compile 102 ms (89%; eager 98%). Blocks of one shape share a compiled graph (parameters are graph
-    inputs). The stem is compiled as one more region. The price is fusion across blocks: on the CPU (inductor, bf16,
-    ResNet-18 32 px b256) the per-region step ran 0.80x eager where the whole-network one ran 1.25x, which is why
-    one rank, with no all-reduce to hide, compiles the whole network (:func:`compile_network`).
+    inputs). The stem is compiled as one more region. The price, on the CPU at least (inductor, bf16, ResNet-18
+    32 px b256, one run): the per-region step ran 0.72-0.80x eager where the whole-network one ran 1.13-1.25x,
+    which is why one rank, with no all-reduce to hide, compiles the whole network (:func:`compile_network`).
     """
     # Each distinct block shape (a stage's first block and the rest, at training and evaluation batch sizes) is one
     # more graph of the same code object; Dynamo's default of 8 would fall back to eager for the later stages.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     # Static shapes: blocks of the same code but other shapes (every stage) would otherwise turn Dynamo's automatic
-    # dynamic shapes on after the second one, and every later graph would be a generic one (measured on the CPU:
-    # ResNet-18 step 0.67x eager that way).
+    # dynamic shapes on after the second one, and every later graph would be a generic, symbolic-size one.
     compile_kwargs.setdefault("dynamic", False)
     regions = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck, ProjectionHead))]
     for m in regions:
@@ -67,7 +66,7 @@ def compile_network(model: torch.nn.Module, world_size: int, overlap: bool, **co
 
     Several ranks overlapping their all-reduce: per region (:func:`compile_regions`), so that gradients leave each
     block as its backward ends. One rank has nothing to overlap: one graph, which fuses across the blocks (the
-    ResNet-18 CPU step: whole 1.25x eager, per region 0.80x; bf16, inductor, same run).
+    ResNet-18 CPU step: whole 1.13-1.25x eager, per region 0.72-0.80x; bf16, inductor, same run).
     """
     if world_size > 1 and overlap:
         compile_regions(model, **compile_kwargs)

@@ -22,8 +22,7 @@ Backward is two kernels rather than one with atomics: ``_bwd_rows_kernel`` owns 
 Each output tile is written by one program, so the gradient is deterministic and free of atomic contention on the
 (2N, d) column gradient, for the price of recomputing the logits once more (5 tile GEMMs in all instead of 4).
 
-Run without a GPU by setting ``TRITON_INTERPRET=1`` before this module is imported (the ``@triton.jit``
-decorators read it at definition time).
+Launch configurations: kernels/ntxent_configs.py. Without a GPU: ``TRITON_INTERPRET=1`` before import.
 """
 import os
 import time
@@ -32,41 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .ntxent_configs import CONFIGS, MAX_D, operand_bits  # noqa: F401 - part of this module's interface
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 
-# Launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) by kernel, operand width in bits (16: bf16/fp16
-# operands on the tensor cores; 32: fp32 operands, dots as tf32x3) and BLOCK_D. Each one compiles for sm_80 and
-# sm_90 within the target's shared memory (163 / 227 KB) and without a register spill: tests/kernels/
-# test_ntxent_aot.py compiles every entry ahead of time with Triton's own ptxas and fails on any that does not
-# (``python -m kernels.aot`` prints the resources). Chosen from ahead-of-time sweeps over tile shapes, warps and
-# stages; the autotuner picks among a key's entries at run time. fp32 stops at BLOCK_D = 128: at 256 every tf32x3
-# tile shape tried spills (16x32 to 128x64, 4 or 8 warps, 1-3 stages; the column gradient also needs 320-642 KB of
-# shared memory), so fp32 embeddings wider than 128 are refused here and go to the PyTorch ``tiled`` loss.
-# "cols" tiles are (anchors per inner step, columns per program).
-CONFIGS = {
-    "fwd": {16: {64: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-                 128: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3)],
-                 256: [(128, 64, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)]},
-            32: {64: [(64, 32, 4, 2), (32, 64, 8, 2)],
-                 128: [(32, 64, 8, 2), (64, 16, 8, 2)]}},
-    "rows": {16: {64: [(128, 64, 8, 3), (64, 64, 4, 3), (32, 64, 8, 3)],
-                  128: [(64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 3)],
-                  256: [(32, 32, 8, 3), (32, 32, 4, 3)]},
-             32: {64: [(32, 64, 8, 2), (32, 32, 8, 2)],
-                  128: [(16, 64, 8, 2), (16, 32, 8, 2)]}},
-    "cols": {16: {64: [(64, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
-                  128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 3)],
-                  256: [(64, 32, 8, 2)]},
-             32: {64: [(64, 32, 8, 2), (32, 64, 8, 1)],
-                  128: [(64, 16, 8, 2), (32, 16, 8, 2)]}},
-}
 # The smallest BLOCK_D launched on a GPU: every width d ≤ 64 runs the 64 entries (masked), so the table covers every
 # BLOCK_D a launch can have. The interpreter keeps 16, as its programs run one after another on the CPU.
 MIN_BLOCK_D = 16 if _INTERPRET else 64
-# Widest embedding the kernels take, by operand bits: a block of anchors and its fp32 gradient accumulator keep the
-# whole row in registers (BLOCK_D = next power of two ≥ d). SimCLR projection heads are 128 wide.
-MAX_D = {bits: max(table) for bits, table in CONFIGS["fwd"].items()}
 
 
 def block_d(d: int) -> int:
@@ -74,16 +46,11 @@ def block_d(d: int) -> int:
     return max(MIN_BLOCK_D, triton.next_power_of_2(d))
 
 
-def operand_bits(dtype: torch.dtype) -> int:
-    return 32 if dtype == torch.float32 else 16
-
-
 def _cpu_bench(kernel_call, quantiles):
     """Autotuning timer for the interpreter, which has no device events: one timed run, every quantile the same."""
     start = time.perf_counter()
     kernel_call()
-    ms = (time.perf_counter() - start) * 1e3
-    return [ms for _ in quantiles]
+    return [(time.perf_counter() - start) * 1e3] * len(quantiles)
 
 
 def _configs(kernel: str):
@@ -316,11 +283,9 @@ def _check(rows: torch.Tensor, cols: torch.Tensor, queue: torch.Tensor, row_offs
     if not (rows.is_cuda or _INTERPRET):
         raise ValueError(f"the NT-Xent kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import), "
                          f"got {rows.device}")
-    widest = MAX_D[operand_bits(rows.dtype)]
-    if rows.shape[1] > widest:
-        raise ValueError(f"embedding width d must be ≤ {widest} for {rows.dtype} operands (fp32: 128, bf16/fp16: 256, "
-                         f"kernels/ntxent.py CONFIGS), got {rows.shape[1]}; multiply in bf16/fp16 (dot_dtype) or use "
-                         "the PyTorch 'tiled' loss")
+    if rows.shape[1] > MAX_D[operand_bits(rows.dtype)]:
+        raise ValueError(f"embedding width d must be ≤ {MAX_D[operand_bits(rows.dtype)]} for {rows.dtype} operands "
+                         f"(fp32 128, bf16/fp16 256), got {rows.shape[1]}; use dot_dtype bf16/fp16 or the 'tiled' loss")
     if rows.shape[0] == 0 or rows.shape[0] % 2 or cols.shape[0] != 2 * n_global:
         raise ValueError(f"rows must hold 2n ≥ 2 anchors and cols 2·n_global={2 * n_global} columns, got "
                          f"{rows.shape[0]} and {cols.shape[0]}")
@@ -342,8 +307,8 @@ def _launch_args(rows, cols, row_offset, n_global, temperature):
 
 
 def _tune_length(q: int) -> int:
-    """The queue length the autotuner keys on: 0, or Q rounded up to a power of two. The momentum memory grows by a
-    batch of keys per step until full; keyed on Q itself, every step of the filling would be a new autotuning."""
+    """The queue length the autotuner keys on: 0, or Q rounded up to a power of two (the memory grows a batch a step
+    until full; keyed on Q itself, every step of the filling would autotune again)."""
     return triton.next_power_of_2(q) if q else 0
 
 

@@ -224,3 +224,27 @@ def test_compiled_step_matches_eager_loss_and_gradients(tmp_path):
     for name, loss in losses.items():
         assert abs(loss - want.item()) <= 1e-5 * abs(want.item()), (name, losses, want.item())
     assert errors["compiled"] <= 2 * errors["eager"] + 1e-6, errors
+
+
+@pytest.mark.parametrize("shape", [(16, 24, 8, 8), (32, 48)], ids=["channels_last-4d", "2d-head"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_global_bn_backward_on_cuda_against_batch_norm(shape, dtype):
+    """The eager CUDA path of the global BN's backward (ATen's channels-last / 2-D kernel reads the saved
+    statistics and asserts they exist) in one process, against torch's BatchNorm on the same input. The 2-rank
+    NCCL run needs two GPUs, which the one-GPU acceptance run does not have."""
+    from fastclr.distributed import GlobalBatchNorm
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(*shape, device="cuda", generator=g).mul(3).add(1).to(dtype)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(*shape, device="cuda", generator=g).to(dtype)
+    ours = GlobalBatchNorm(shape[1]).cuda()
+    ref = (torch.nn.BatchNorm2d if x.dim() == 4 else torch.nn.BatchNorm1d)(shape[1]).cuda()
+    xs, xr = x.clone().requires_grad_(True), x.double().clone().requires_grad_(True)
+    ours(xs).backward(dy)
+    ref.double()(xr).backward(dy.double())
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xs.grad.double(), xr.grad, **tol)
+    torch.testing.assert_close(ours.weight.grad.double(), ref.weight.grad, **tol)
+    torch.testing.assert_close(ours.bias.grad.double(), ref.bias.grad, **tol)

@@ -17,7 +17,7 @@ FULL = dict(crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0))  # the crop is the who
 YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
-def run_views(images: np.ndarray, aug: AugmentConfig, size: int, seed: int = 7):
+def run_views(images: np.ndarray, aug: AugmentConfig, size: int, seed: int = 7, **view_kw):
     """Run one view per sample for N_BATCH·N_ITERS samples, cycling through ``images``.
     Returns (views (n, size, size, 3) uint8 read back from x/255, {param name: (n,) array}, source indices)."""
     assert aug.mean == RAW["mean"] and aug.std == RAW["std"]
@@ -28,7 +28,7 @@ def run_views(images: np.ndarray, aug: AugmentConfig, size: int, seed: int = 7):
     def graph():
         x = fn.external_source(source=lambda: src, batch=True, layout="HWC")
         params: dict = {}
-        view, flip = random_view(x, aug, size, device="cpu", params=params)
+        view, flip = random_view(x, aug, size, device="cpu", params=params, **view_kw)
         names.extend(params)
         return (normalize(view, aug, dtype=types.FLOAT, channels_last=True, mirror=flip), *params.values())
 
@@ -107,12 +107,14 @@ def test_flip_rate_and_effect():
     np.testing.assert_array_equal(views[~flipped], img.repeat((~flipped).sum(), 0))
 
 
-def colour_reference(x, b, c, s, hue_deg, gray):
+def colour_reference(x, b, c, s, hue_deg, gray, rounded=True):
     """torchvision-style jitter in the order used by the graph: brightness·contrast about the mean luma (clipped to
-    [0, 255], kept in float), then saturation (0 if gray) and hue as a YIQ map (rounded)."""
+    [0, 255]; rounded to uint8 by brightness_contrast, kept in float by the on-device arithmetic), then saturation
+    (0 if gray) and hue as a YIQ map (rounded)."""
     xf = x.astype(np.float64)
     center = (xf @ YIQ[0]).mean()
     y = np.clip(b * (center + c * (xf - center)), 0, 255)
+    y = np.round(y) if rounded else y
     t = np.deg2rad(hue_deg)
     rot = np.array([[1, 0, 0], [0, np.cos(t), np.sin(t)], [0, -np.sin(t), np.cos(t)]])
     sat = 0.0 if gray else s
@@ -120,12 +122,15 @@ def colour_reference(x, b, c, s, hue_deg, gray):
     return np.clip(np.round(y @ m.T), 0, 255)
 
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["cpu-argument", "on-device"])
 @pytest.mark.parametrize("strength", [1.0, 0.5])
-def test_colour_jitter_and_grayscale_match_reference(strength):
+def test_colour_jitter_and_grayscale_match_reference(strength, on_device):
+    """Both formulations of the contrast (the GPU's default keeps the crop's mean on the device) against the
+    reference."""
     rng = np.random.default_rng(1)
     imgs = rng.integers(0, 256, (8, 12, 12, 3)).astype(np.uint8)
     aug = AugmentConfig(**FULL, **{**OFF, "jitter_p": 0.8, "grayscale_p": 0.2}, jitter_strength=strength, **RAW)
-    views, p, idx = run_views(imgs, aug, 12)
+    views, p, idx = run_views(imgs, aug, 12, contrast_on_device=on_device)
     jit, gray = p["jitter"].astype(bool), p["gray"].astype(bool)
     assert abs(jit.mean() - 0.8) < RATE_TOL and abs(gray.mean() - 0.2) < RATE_TOL
     assert abs((jit & gray).mean() - 0.16) < RATE_TOL  # independent coins
@@ -142,7 +147,7 @@ def test_colour_jitter_and_grayscale_match_reference(strength):
 
     for n in range(len(views)):
         ref = colour_reference(imgs[idx[n]], p["brightness"][n], p["contrast"][n], p["saturation"][n], p["hue"][n],
-                               gray[n])
+                               gray[n], rounded=not on_device)
         assert np.abs(views[n] - ref).max() <= 2, n
     untouched = ~jit & ~gray
     assert np.array_equal(views[untouched], imgs[idx[untouched]])
