@@ -38,7 +38,7 @@ def compile_regions(model: torch.nn.Module, **compile_kwargs) -> int:
     the head's and the last blocks'): whole-network compile makes that bucket ready 0.9 ms (1%) before backward ends,
     per-region compile 102 ms (89%; eager 98%). Blocks of one shape share a compiled graph (parameters are graph
     inputs). The stem is compiled as one more region. The price, on the CPU at least (inductor, bf16, ResNet-18
-    32 px b256, one run): the per-region step ran 0.72-0.80x eager where the whole-network one ran 1.13-1.25x,
+    32 px b256, one run): the per-region step ran 0.79-0.81x eager where the whole-network one ran 1.13-1.16x,
     which is why one rank, with no all-reduce to hide, compiles the whole network (:func:`compile_network`).
     """
     # Each distinct block shape (a stage's first block and the rest, at training and evaluation batch sizes) is one
@@ -66,7 +66,7 @@ def compile_network(model: torch.nn.Module, world_size: int, overlap: bool, **co
 
     Several ranks overlapping their all-reduce: per region (:func:`compile_regions`), so that gradients leave each
     block as its backward ends. One rank has nothing to overlap: one graph, which fuses across the blocks (the
-    ResNet-18 CPU step: whole 1.13-1.25x eager, per region 0.72-0.80x; bf16, inductor, same run).
+    ResNet-18 CPU step: whole 1.13-1.16x eager, per region 0.79-0.81x; bf16, inductor, same run).
     """
     if world_size > 1 and overlap:
         compile_regions(model, **compile_kwargs)

@@ -30,12 +30,26 @@ def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
     return BatchPlan(g, micro, g // (micro * world_size), world_size)
 
 
+def _is_pattern(path: str) -> bool:
+    """A glob or a brace pattern (fastclr.data.shards): existence is what it expands to."""
+    return glob.has_magic(path) or ("{" in path and "}" in path)
+
+
+def _shards_exist(pattern: str) -> bool:
+    from ..data.shards import shard_paths  # here: the data package pulls in DALI, which a config check need not
+
+    try:
+        return bool(shard_paths(pattern))
+    except (FileNotFoundError, ValueError):
+        return False
+
+
 def missing_paths(cfg: Config) -> list[tuple[str, str]]:
     """(field, path) of every data file or folder the config names that this machine cannot see."""
     d, out = cfg.data, []
     if d.dataset != "digits":
         for name, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
-            exists = bool(glob.glob(path)) if (d.dataset in ("tar", "auto") and glob.has_magic(path)) else \
+            exists = _shards_exist(path) if (d.dataset in ("tar", "auto") and _is_pattern(path)) else \
                 os.path.exists(path)
             if path and not exists:
                 out.append((name, path))

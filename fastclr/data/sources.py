@@ -8,12 +8,13 @@ ignores them, evaluation needs them. Sources only list and read; ordering, shard
 from __future__ import annotations
 
 import abc
-import glob
 import os
 import tarfile
 from collections import defaultdict
 
 import numpy as np
+
+from .shards import is_pattern, is_shard_list, shard_paths
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pnm", ".ppm", ".pgm")
 """Formats DALI's image decoder reads; other files in a folder or tar are ignored."""
@@ -290,16 +291,8 @@ def filelist_source(list_path: str) -> FileSource:
 
 
 def tar_files(pattern: str) -> list[str]:
-    """A tar file, a folder of ``*.tar`` or a glob such as ``shards/train-*.tar``, sorted."""
-    if os.path.isdir(pattern):
-        files = sorted(glob.glob(os.path.join(pattern, "*.tar")))
-    elif glob.has_magic(pattern):
-        files = sorted(glob.glob(pattern))
-    else:
-        files = [pattern] if os.path.isfile(pattern) else []
-    if not files:
-        raise FileNotFoundError(f"tar shards '{pattern}' match no file (give a .tar file, a folder or a glob)")
-    return files
+    """A tar file, a folder of ``*.tar``, a glob, a brace range or a text list of shards (fastclr.data.shards)."""
+    return shard_paths(pattern)
 
 
 def _sample_key(member_name: str) -> str:
@@ -383,10 +376,10 @@ def _build_source(cfg, split: str, image_size: int) -> Source:
 
 
 def detect_kind(path: str) -> str:
-    """'tar' (a .tar file, a glob, or a folder holding .tar shards), 'folder' (a folder of class sub-folders) or
-    'filelist' (any other file): what ``data.dataset=auto`` reads ``path`` as."""
+    """'tar' (a .tar file, a glob or brace pattern, a folder holding .tar shards, a text list of shards), 'folder'
+    (a folder of class sub-folders) or 'filelist' (any other file): what ``data.dataset=auto`` reads ``path`` as."""
     if os.path.isdir(path):
         return "tar" if any(f.lower().endswith(".tar") for f in os.listdir(path)) else "folder"
-    if path.lower().endswith(".tar") or glob.has_magic(path):
+    if path.lower().endswith(".tar") or is_pattern(path) or is_shard_list(path):
         return "tar"
     return "filelist"
