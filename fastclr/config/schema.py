@@ -70,10 +70,11 @@ class AugmentConfig:
 class DataConfig:
     dataset: Dataset = "digits"
     """'digits' (scikit-learn's bundled handwritten digits, no download), 'folder' (class sub-folders),
-    'filelist' (a text file of 'path [label]' lines), 'tar' (webdataset-style tar shards, path or glob), or 'auto'
-    (the kind each path is: a .tar, glob or folder of shards, a folder of class folders, else a file list)."""
+    'filelist' (a text file of 'path [label]' lines), 'tar' (webdataset-style tar shards: a .tar, a folder of them, a
+    glob, a brace range such as train-{000000..001023}.tar, or a .txt list of shards), or 'auto' (the kind each path
+    is: shards as for 'tar', a folder of class folders, else a file list)."""
     path: str = ""
-    """Training data: folder, file list or tar glob. Unused for 'digits'."""
+    """Training data: folder, file list or tar shards (see ``dataset``). Unused for 'digits'."""
     eval_path: str = ""
     """Held-out labelled data for kNN / linear probe (same kind as ``path``). Unused for 'digits'."""
     exclude: str = ""

@@ -15,8 +15,6 @@ import re
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
-LIST_SUFFIXES = (".txt", ".list", ".lst")
-"""A shard list is a text file with one of these suffixes (or any non-tar file whose first entry names a .tar)."""
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -47,11 +45,9 @@ def is_pattern(path: str) -> bool:
 
 
 def is_shard_list(path: str) -> bool:
-    """A text file naming shards: a list suffix, or a non-tar file whose first entry ends in ``.tar``."""
+    """A text file naming shards: its first entry ends in ``.tar`` (a file list of images names images)."""
     if not os.path.isfile(path) or path.lower().endswith(".tar"):
         return False
-    if path.lower().endswith(LIST_SUFFIXES):
-        return True
     try:
         with open(path, errors="strict") as f:
             for line in f:

@@ -63,3 +63,12 @@ def test_missing_shards_and_empty_matches_are_named(shards):
     (shards / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"folder '.*empty' holds no \*.tar file"):
         shard_paths(str(shards / "empty"))
+
+
+def test_a_file_list_of_images_is_not_a_shard_list(tmp_path):
+    images = tmp_path / "list.txt"
+    images.write_text("a/0001.jpg 3\na/0002.jpg 4\n")
+    shards = tmp_path / "train.list"
+    shards.write_text("train-000000.tar\n")
+    assert not is_shard_list(str(images)) and detect_kind(str(images)) == "filelist"
+    assert is_shard_list(str(shards)) and detect_kind(str(shards)) == "tar"
