@@ -4,7 +4,6 @@ before it builds anything, so a bad config fails in seconds, naming the field, o
 """
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 
@@ -30,16 +29,16 @@ def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
     return BatchPlan(g, micro, g // (micro * world_size), world_size)
 
 
-def _is_pattern(path: str) -> bool:
-    """A glob or a brace pattern (fastclr.data.shards): existence is what it expands to."""
-    return glob.has_magic(path) or ("{" in path and "}" in path)
+def _exists(path: str, shards: bool) -> bool:
+    """Whether ``path`` names something here; for tar datasets a glob or brace pattern must name existing shards."""
+    if not shards:
+        return os.path.exists(path)
+    from ..data.shards import is_pattern, shard_paths  # here: the data package pulls in DALI, which a check need not
 
-
-def _shards_exist(pattern: str) -> bool:
-    from ..data.shards import shard_paths  # here: the data package pulls in DALI, which a config check need not
-
+    if not is_pattern(path):
+        return os.path.exists(path)
     try:
-        return bool(shard_paths(pattern))
+        return bool(shard_paths(path))
     except (FileNotFoundError, ValueError):
         return False
 
@@ -49,9 +48,7 @@ def missing_paths(cfg: Config) -> list[tuple[str, str]]:
     d, out = cfg.data, []
     if d.dataset != "digits":
         for name, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
-            exists = _shards_exist(path) if (d.dataset in ("tar", "auto") and _is_pattern(path)) else \
-                os.path.exists(path)
-            if path and not exists:
+            if path and not _exists(path, d.dataset in ("tar", "auto")):
                 out.append((name, path))
     if d.exclude and not os.path.isfile(d.exclude):
         out.append(("data.exclude", d.exclude))
