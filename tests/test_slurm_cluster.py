@@ -5,10 +5,12 @@ operator's requeue, a cancel, a rank killed, a rank stopped. Each run is the emb
 (44 steps of 64 images); the reference is the same 2-rank run under the deepspeed launcher outside Slurm, and every
 job that finishes must end on its parameters bit for bit, however often it was interrupted and resumed."""
 import json
+import math
 import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -55,15 +57,27 @@ def _idle_cluster_after(request):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Final parameters of the same 2-rank run started with the deepspeed launcher on this machine, outside Slurm."""
+def reference_run(tmp_path_factory):
+    """The same 2-rank run started with the deepspeed launcher on this machine, outside Slurm: its folder."""
     d = tmp_path_factory.mktemp("reference")
     t0 = time.monotonic()
     proc = subprocess.run([deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port()), PRETRAIN,
                            *overrides(d)], env=job_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(f"\nmeasured: reference run (deepspeed launcher, 2 ranks) {time.monotonic() - t0:.0f} s")
-    return final_params(d / "ckpt", STEPS)
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    """Final parameters of the reference run."""
+    return final_params(reference_run / "ckpt", STEPS)
+
+
+def seconds_per_step(run_dir):
+    """Median wall time of one training step in a finished run (every step is logged; the first three skipped)."""
+    times = [r["time"] for r in train_rows(run_dir)][3:]
+    return statistics.median(b - a for a, b in zip(times, times[1:]))
 
 
 def submit(cluster, run_dir, nodes, ranks, *extra, time_limit="10:00", sbatch=()):
@@ -177,12 +191,15 @@ def test_usr1_preemption_checkpoints_requeues_and_resumes_bit_identical(cluster,
     print(f"\nmeasured: USR1 preemption, 1 node x 2 ranks, stop at step {stop}, requeue, resume: {wall:.0f} s")
 
 
-def test_the_time_limit_warning_checkpoints_and_requeues_before_the_limit(cluster, tmp_path):
-    """--time=2 with --signal=USR1@60: Slurm tests limits every 30 s, so the warning comes 60–90 s before the limit.
-    220 steps do not fit in one start: every start but the last must end on the warning with a checkpoint, and the
-    next must resume exactly there; none may reach the limit (TIMEOUT: killed, maybe mid-write)."""
+def test_the_time_limit_warning_checkpoints_and_requeues_before_the_limit(cluster, reference_run, tmp_path):
+    """--time=2 with --signal=USR1@60: Slurm tests limits every 30 s, so the warning comes 60–90 s before the limit,
+    30–60 s after the start. The run is sized from this machine's measured step time to ≥ 90 s of training (≥ 10
+    epochs), so it cannot end in one start on any machine: every start but the last must end on the warning with a
+    checkpoint, and the next must resume exactly there; none may reach the limit (TIMEOUT: killed, maybe
+    mid-write)."""
+    epochs = max(10, math.ceil(90 / seconds_per_step(reference_run) / (STEPS // 2)))
     t0 = time.monotonic()
-    job = submit(cluster, tmp_path, 2, 1, "train.epochs=10", time_limit="2", sbatch=["--signal=USR1@60"])
+    job = submit(cluster, tmp_path, 2, 1, f"train.epochs={epochs}", time_limit="2", sbatch=["--signal=USR1@60"])
     fields = cluster.wait_finished(job, 900)
     wall = time.monotonic() - t0
     log = slurm_log(tmp_path, job)
@@ -192,8 +209,9 @@ def test_the_time_limit_warning_checkpoints_and_requeues_before_the_limit(cluste
     assert stops and stops == resumes and int(fields["Restarts"]) == len(stops), (stops, resumes, fields)
     assert "TIME LIMIT" not in log and "TIMEOUT" not in log
     assert_checkpoints_intact(tmp_path / "ckpt")
-    assert checkpoint.complete_tags(str(tmp_path / "ckpt"))[-1][0] == 220
-    print(f"\nmeasured: time-limit job (--time=2, USR1@60): {len(stops)} requeue(s) at steps {stops}, {wall:.0f} s")
+    assert checkpoint.complete_tags(str(tmp_path / "ckpt"))[-1][0] == epochs * STEPS // 2
+    print(f"\nmeasured: time-limit job (--time=2, USR1@60, {epochs} epochs): {len(stops)} requeue(s) at steps "
+          f"{stops}, {wall:.0f} s")
 
 
 def test_an_operators_requeue_resumes_from_a_complete_checkpoint(cluster, reference, tmp_path):
@@ -256,7 +274,8 @@ def _kill_a_rank_mid_run(cluster, tmp_path, nodes, ranks, sig):
     assert "was completed in this start; requeueing job" in log
     resumed = int(re.search(r"resumed from \S+ at step (\d+),", log).group(1))
     rows = train_rows(tmp_path)
-    first_start = rows[:next(i for i in range(1, len(rows)) if rows[i]["step"] <= rows[i - 1]["step"])]
+    # The second start logs step resumed + 1 first; the first start may or may not have logged it before the kill.
+    first_start = rows[:max(i for i, r in enumerate(rows) if r["step"] == resumed + 1)]
     lost_steps = first_start[-1]["step"] - resumed
     lost_s = first_start[-1]["time"] - next(r["time"] for r in first_start if r["step"] == resumed)
     return survivor_s, victim_s, lost_steps, lost_s, log
