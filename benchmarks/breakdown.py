@@ -23,7 +23,7 @@ import tempfile
 
 from .common import RESULTS, ROOT, Recorder
 
-from fastclr.metrics import PhaseTimer
+from fastclr.timers import PhaseTimer
 from fastclr.runtime import free_port
 
 PHASES = PhaseTimer.PHASES

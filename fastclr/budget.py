@@ -126,14 +126,14 @@ def fit_budget(trainer) -> None:
 
     cfg, planner, now = trainer.cfg, trainer.planner, time.monotonic()
     s_per_step = planner.seconds_per_step(now)
-    trainer.evaluate(with_baseline=False)
+    trainer.evaluate("budget")
     t1 = time.monotonic()
     trainer.save(force=True)
     t2 = time.monotonic()
     total = total_steps(
         budget_s=planner.budget_s, elapsed_s=t2 - planner.t_start + (t2 - t1), step=trainer.state.step,
         steps_per_epoch=trainer.steps_per_epoch, costs=Costs(s_per_step, t1 - now, t2 - t1),
-        final_evaluations=2 if cfg.eval.baseline else 1, monitor_every_epochs=cfg.eval.every_epochs,
+        final_evaluations=trainer.stage.final_evaluations, monitor_every_epochs=trainer.stage.monitor_every_epochs,
         checkpoint_every_epochs=cfg.checkpoint.every_epochs, checkpoint_every_steps=cfg.checkpoint.every_steps)
     budget = cfg.train.time_budget_minutes
     _set_unbent_length(trainer, min(agree(total, trainer.rt), planner.max_total), trainer.state.step)
@@ -143,7 +143,7 @@ def fit_budget(trainer) -> None:
     planner.history = [planner.decided[:2]]
     logging.getLogger(__name__).info(
         f"time budget {budget:g} min: {s_per_step * 1e3:.0f} ms/step, evaluation {t1 - now:.1f} s, checkpoint "
-        f"{t2 - t1:.1f} s -> {total} steps = {cfg.train.epochs:.2f} epochs")
+        f"{t2 - t1:.1f} s -> {total} steps = {trainer.total_steps / trainer.steps_per_epoch:.2f} epochs")
     _save_config(trainer, budget)
 
 
@@ -160,15 +160,7 @@ def _set_unbent_length(trainer, total: int, step: int) -> None:
 
 
 def _save_config(trainer, budget_minutes: float) -> None:
-    import os
-
-    from .config import save_config
-
-    cfg = trainer.cfg
-    if trainer.rt.is_main:
-        save_config(cfg, os.path.join(cfg.logging.dir, "config.yaml"), "The resolved config of this run: a recipe "
-                    f"(fastclr pretrain --config <this file>); train.epochs was chosen for a {budget_minutes:g}-min "
-                    "budget.")
+    trainer.save_config(f"The resolved config of this run, its length chosen for a {budget_minutes:g}-min budget")
 
 
 def agree(total: int, rt) -> int:
@@ -196,9 +188,9 @@ def replan(trainer) -> None:
     import logging
     import time
 
-    cfg, planner, step = trainer.cfg, trainer.planner, trainer.state.step
+    planner, step = trainer.planner, trainer.state.step
     step0, train0, eval0 = planner.decided
-    every = cfg.eval.every_epochs
+    every = trainer.stage.monitor_every_epochs
     span = every * trainer.steps_per_epoch
     monitors = 0 if not every else (step - 1) // span - step0 // span  # done since the decision
     monitor_s = (trainer.eval_s - eval0) / monitors if monitors > 0 else planner.final_eval_s
@@ -214,7 +206,7 @@ def replan(trainer) -> None:
     costs = Costs((now_s - t_from) / (step - s_from), planner.final_eval_s, 0.0)
     total = max(step + 1, total_steps(
         budget_s=planner.budget_s, elapsed_s=time.monotonic() - planner.t_start + pending, step=step,
-        steps_per_epoch=trainer.steps_per_epoch, costs=costs, final_evaluations=2 if cfg.eval.baseline else 1,
+        steps_per_epoch=trainer.steps_per_epoch, costs=costs, final_evaluations=trainer.stage.final_evaluations,
         monitor_every_epochs=every, checkpoint_every_epochs=0, checkpoint_every_steps=0,  # in the measured speed
         monitor_s=monitor_s))
     total = min(agree(total, trainer.rt), planner.max_total)

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     # runs `python -m fastclr --local_rank=0 pretrain ...`); the rank comes from LOCAL_RANK in the environment.
     argv = [a for a in argv if not _LOCAL_RANK.match(a)]
     if argv and argv[0] == "pretrain":
-        from .pretrain import main as pretrain
+        from .tasks.pretrain import main as pretrain
 
         return pretrain(argv[1:])
     from .tasks import COMMANDS

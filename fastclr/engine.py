@@ -1,5 +1,7 @@
-"""The network on DeepSpeed, ready to step: SimCLR model, LARS as the client optimizer, channels_last parameters,
-torch.compile by region, and the gradient buckets whose all-reduce overlaps backward."""
+"""A network on DeepSpeed, ready to step — the one engine of every stage (pretraining, linear, finetune, distill):
+the client optimizer (LARS or Nesterov SGD, both skipping a non-finite step on the device), channels_last
+parameters, torch.compile (by region where the all-reduce overlaps backward), and the gradient buckets whose
+all-reduce overlaps backward. The norm layer (global BN or not) is chosen here too."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +15,7 @@ from .models import build_model
 from .models.heads import ProjectionHead
 from .models.resnet import BasicBlock, Bottleneck, ResNet
 from .models.momentum import MomentumMemory
-from .optim import LARS, param_groups
+from .optim import LARS, NesterovSGD, param_groups
 from .runtime import Runtime
 
 
@@ -75,19 +77,36 @@ def compile_network(model: torch.nn.Module, world_size: int, overlap: bool, **co
     return "whole"
 
 
-def build_engine(cfg: Config, rt: Runtime, plan: BatchPlan, peak_lr: float):
-    """(DeepSpeed engine, LARS, GradientBuckets) of a run; the model is ``engine.module``."""
-    import deepspeed
+def build_optimizer(model: torch.nn.Module, kind: str, *, lr: float, momentum: float, weight_decay: float,
+                    trust_coefficient: float = 0.001):
+    """LARS (``kind='lars'``; trust ratio on weights) or Nesterov-momentum SGD (``'sgd'``, the reference's
+    ``--optimizer=momentum``) over the trainable parameters, weight decay on weights only."""
+    groups = param_groups(model, weight_decay)
+    if not groups:
+        raise ValueError("the network has no trainable parameters")
+    if kind == "lars":
+        return LARS(groups, lr=lr, momentum=momentum, trust_coefficient=trust_coefficient)
+    return NesterovSGD(groups, lr=lr, momentum=momentum)
 
-    norm = norm_layer(cfg, rt.world_size)
+
+def simclr_network(cfg: Config, world_size: int) -> torch.nn.Module:
+    """Pretraining's network: the SimCLR model of ``cfg.model`` (with SimCLR v2's momentum memory if configured)."""
+    norm = norm_layer(cfg, world_size)
     model = build_model(cfg.model, norm_layer=norm)
     if cfg.model.momentum:  # SimCLR v2's memory: a momentum encoder (a second copy) and its queue of keys
         model.memory = MomentumMemory(model, build_model(cfg.model, norm_layer=norm), cfg.loss.memory_size,
                                       cfg.model.proj_out_dim)
-    lars = LARS(param_groups(model, cfg.optim.weight_decay), lr=peak_lr, momentum=cfg.optim.momentum,
-                trust_coefficient=cfg.optim.trust_coefficient)
+    return model
+
+
+def build_engine(cfg: Config, rt: Runtime, plan: BatchPlan, model: torch.nn.Module, optimizer):
+    """(DeepSpeed engine, optimizer, GradientBuckets) of ``model`` stepped by ``optimizer`` (:func:`build_optimizer`);
+    the model is ``engine.module``."""
+    import deepspeed
+
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=lars, config=deepspeed_config(cfg, plan))
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=deepspeed_config(cfg, plan))
     engine.enable_backward_allreduce = False  # the all-reduce is the buckets', overlapped with backward
     if cfg.precision.channels_last:
         # After initialize: DeepSpeed broadcasts rank 0's parameters as byte views, which needs contiguous tensors.
@@ -97,8 +116,8 @@ def build_engine(cfg: Config, rt: Runtime, plan: BatchPlan, peak_lr: float):
     if cfg.model.compile == "true" or (cfg.model.compile == "auto" and rt.cuda):
         compile_network(engine.module, rt.world_size, cfg.distributed.overlap_comm, mode=cfg.model.compile_mode)
     # After the layout change: the gradient views take each parameter's strides.
-    grads = GradientBuckets(engine.module.parameters(), rt.world_size, cfg.distributed.bucket_mb,
-                            first_bucket_mb=cfg.distributed.first_bucket_mb,
+    grads = GradientBuckets(engine.module.parameters(), rt.world_size,
+                            cfg.distributed.bucket_mb, first_bucket_mb=cfg.distributed.first_bucket_mb,
                             overlap=cfg.distributed.overlap_comm)
     optimizer.grad_buffers = grads.flat
     return engine, optimizer, grads

@@ -54,5 +54,7 @@ class Objective:
             online = [p for name, p in self.engine.module.named_parameters() if not name.startswith("memory.")]
             self.memory.update(online, momentum_at(step, total_steps, self.cfg.model.momentum))
 
-    def resume(self, step: int, keys_per_step: int) -> None:
-        self.pushed = step * keys_per_step
+    def resume(self, step: int, plan) -> None:
+        """The queue's position after ``step`` steps of the batch ``plan``: every rank's keys, or this rank's."""
+        per_step = plan.global_batch if self.group else plan.micro_batch * plan.accumulation
+        self.pushed = step * 2 * per_step

@@ -1,7 +1,8 @@
-"""Stopping a run cleanly: signals, the clock, a step limit — agreed by every rank — then requeue and the exit code.
+"""Stopping a run cleanly: signals, the clock, a step limit — agreed by every rank.
 
 SIGUSR1 (Slurm's warning ahead of the time limit) and SIGTERM (preemption) only record the signal; the training loop
-finishes its step, checkpoints and exits with :data:`PREEMPTED_EXIT_CODE` after asking Slurm to requeue the job.
+finishes its step and checkpoints, and the command exits with :data:`PREEMPTED_EXIT_CODE` after asking Slurm to
+requeue the job (``fastclr.tasks.common.exit_status``).
 The decision to stop is taken by all ranks together at every step: a signal or a clock reaches each rank at a
 different moment, and a rank that left the loop alone would hang the others in the next collective. The same per-step
 agreement carries the time-based checkpoint cadence (``checkpoint.every_minutes``).
@@ -155,15 +156,3 @@ class StopPolicy:
         if flags[2] and self._save is not None:
             self._save()  # a periodic save: skipped in a non-finite streak, and then due again at the next step
         return None
-
-
-def exit_code(stop_reason: str | None, is_main: bool) -> int:
-    """After a stop on a signal (checkpoint complete on every rank): rank 0 asks Slurm to requeue the job (a no-op
-    outside Slurm) and every rank exits with :data:`PREEMPTED_EXIT_CODE`; otherwise 0."""
-    if stop_reason != "signal":
-        return 0
-    if is_main:
-        from .slurm import requeue
-
-        requeue()
-    return PREEMPTED_EXIT_CODE

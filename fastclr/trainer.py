@@ -1,15 +1,15 @@
-"""SimCLR pretraining on DeepSpeed: the optimizer step and the loop around it.
+"""The step engine and loop of every stage — pretraining, linear evaluation, fine-tuning, distillation — on DeepSpeed.
 
-One step (``train_step``): for each accumulation micro-batch, two views of B images → one forward over the 2B batch
-(BN statistics over both views, as in the reference implementation) → NT-Xent against every rank's embeddings →
-backward, whose last one all-reduces the gradients as they come; then LARS (the LR a pure function of the step),
-which skips a non-finite step on the device. No host sync anywhere in it (tests/test_host_syncs.py). Precision is
-autocast (bf16, or fp16 with loss scaling on GPU); parameters, BN statistics and LARS state are fp32; activations
-are channels_last from the data pipeline on.
+A stage (:mod:`fastclr.stages`) brings its data, network, optimizer kind and objective; everything else is here and
+the same for all. One step (``train_step``): for each accumulation micro-batch the objective's forward and loss, then
+backward, whose last one all-reduces the gradients as they come; then the optimizer (LARS or Nesterov SGD, the LR a
+pure function of the step), which skips a non-finite step on the device. No host sync anywhere in it
+(tests/test_host_syncs.py). Precision is autocast (bf16, or fp16 with loss scaling on GPU); parameters, BN statistics
+and optimizer state are fp32; activations are channels_last from the data pipeline on.
 
-The loop (``train``): resume → steps, with logging, checkpoints, evaluation and the all-rank stop decision at their
-cadences → final checkpoint → evaluation. Everything else lives in the module named for it: checkpoint (run state,
-resume), preemption (signals, stop agreement, requeue), report (bad images, summary, plots), eval, optim.
+The loop (``train``): resume → steps, with logging, checkpoints, monitor evaluations and the all-rank stop decision
+at their cadences → final checkpoint → the stage's evaluation and outputs. When to checkpoint is the
+:class:`fastclr.cadence.Cadence`'s decision; whether to stop, :class:`fastclr.preemption.StopPolicy`'s vote.
 """
 from __future__ import annotations
 
@@ -20,46 +20,50 @@ import time
 import torch
 
 from . import checkpoint
+from .bad_images import BadSampleReport
+from .budget import Planner, plan_length
+from .cadence import Cadence
 from .checkpoint import RunState
 from .config import BatchPlan, Config, autocast_dtype, check_dataset_fits, save_config
-from .budget import Planner, plan_length
 from .engine import build_engine
-from .eval import evaluate_run
-from .metrics import LogWindow, MetricsLogger, PhaseTimer, Progress
-from .objective import Objective
-from .optim import Schedule, SkippedSteps
+from .metrics import MetricsLogger
+from .optim import SkippedSteps
 from .preemption import StopPolicy
-from .report import BadSampleReport, describe_run, plot_run, summarize
+from .progress import LogWindow, Progress
 from .runtime import Runtime
+from .timers import PhaseTimer
 
 log = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, rt: Runtime, plan: BatchPlan):
-        from .data import build_train_loader
+    def __init__(self, cfg: Config, rt: Runtime, plan: BatchPlan, stage=None):
+        if stage is None:
+            from .stages.pretrain import Pretraining
 
-        self.cfg, self.rt, self.plan = cfg, rt, plan
+            stage = Pretraining(cfg)
+        self.cfg, self.rt, self.plan, self.stage = cfg, rt, plan, stage
+        self.out_dir = stage.out_dir
         self.batch_dtype = autocast_dtype(cfg) or torch.float32
         torch.manual_seed(cfg.seed)
-        self.loader = build_train_loader(cfg.data, batch_size=plan.micro_batch, shard_id=rt.rank,
-                                         num_shards=rt.world_size, device=rt.device, dtype=self.batch_dtype,
-                                         channels_last=cfg.precision.channels_last)
-        self.steps_per_epoch = check_dataset_fits(plan, len(self.loader), self.loader.num_samples)
-        self.schedule = Schedule.of(cfg, self.steps_per_epoch, plan.global_batch)
-
-        self.engine, self.optimizer, self.grads = build_engine(cfg, rt, plan, self.schedule.peak_lr)
+        self.loader = stage.train_loader(rt, plan, self.batch_dtype)
+        self.steps_per_epoch = check_dataset_fits(plan, len(self.loader), self.loader.num_samples, stage.section)
+        self.schedule = stage.schedule(self.steps_per_epoch, plan.global_batch)
+        model = stage.network(rt)
+        self.engine, self.optimizer, self.grads = build_engine(cfg, rt, plan, model,
+                                                               stage.optimizer(model, self.schedule.peak_lr))
         self.model = self.engine.module
-        self.objective = Objective(cfg, self.engine, rt.world_size, autocast_dtype(cfg))  # the loss of a micro-batch
+        self.objective = stage.objective(self.engine, rt, autocast_dtype(cfg))  # the loss of a micro-batch
 
         self.state = RunState()
         self.skips = SkippedSteps(rt.device, cfg.train.max_nonfinite_steps, cfg.checkpoint.dir)
         self.timer = PhaseTimer(cfg.logging.timers, rt.device)
         self.window = LogWindow(rt.device)
-        self.metrics = MetricsLogger(cfg.logging.dir, enabled=rt.is_main, tensorboard=cfg.logging.tensorboard)
+        self.metrics = MetricsLogger(self.out_dir, enabled=rt.is_main, tensorboard=cfg.logging.tensorboard)
         self.progress = Progress(self.schedule.total_steps, enabled=rt.is_main and cfg.logging.progress)
+        self.cadence = Cadence(cfg.checkpoint, self.steps_per_epoch)
         self.stop = StopPolicy.of(cfg, rt, save=lambda: self.save(periodic=True))  # + checkpoint.every_minutes
-        self.report_bad = BadSampleReport(self.loader.bad, cfg.logging.dir, rt.rank)
+        self.report_bad = BadSampleReport(self.loader.bad, self.out_dir, rt.rank)
         self._batches, self._saved_at = None, -1  # the epoch's iterator; step of the newest checkpoint written/read
         budget = cfg.train.time_budget_minutes
         self.planner = Planner(budget, self.schedule.warmup_steps, self.schedule.total_steps) if budget else None
@@ -90,12 +94,12 @@ class Trainer:
             group["lr"] = lr
         loss_sum = 0.0
         self.grads.prepare()
-        for i, (view_a, view_b) in enumerate(micro_batches):
+        for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             self.engine.set_gradient_accumulation_boundary(last)
             if last:
                 self.grads.arm()  # its backward all-reduces each gradient bucket as soon as it is complete
-            loss = self.objective(view_a, view_b, timer)  # forward and loss phases
+            loss = self.objective(*batch, timer)  # forward and loss phases
             if last and timer.enabled and self.rt.world_size > 1:
                 # Timers only: a barrier before the last backward bills the ranks' lateness so far (imbalance,
                 # stragglers) to 'wait'. It sits here in both modes: after backward it would wait for the overlapped
@@ -109,7 +113,7 @@ class Trainer:
         with timer.phase("comm"):
             self.grads.finish()  # with overlap: only what backward did not hide
         with timer.phase("optimizer"):
-            self.engine.step()  # LARS skips a non-finite step on the device (fp16: through the loss scaler)
+            self.engine.step()  # the optimizer skips a non-finite step on the device (fp16: through the loss scaler)
             self.skips.update(self.optimizer.step_ok)
             self.objective.end_step(self.state.step, self.total_steps)
         self.state.step += 1
@@ -119,15 +123,13 @@ class Trainer:
     def train(self) -> dict:
         """Train to the end (or to a stop request), checkpoint, evaluate. The result has ``stop_reason``: None for a
         finished run, else 'signal' (preempted: checkpoint written, no evaluation), 'deadline' or 'stop_at_step'."""
-        cfg, rt = self.cfg, self.rt
+        rt = self.rt
         self.resume()
         start_step, t_start = self.state.step, time.monotonic()
         self.t_start, self.eval_s = t_start, 0.0
+        self.save_config("The resolved config of this run")
         if rt.is_main:
-            save_config(cfg, os.path.join(cfg.logging.dir, "config.yaml"), "The resolved config of this run: a recipe "
-                        "(fastclr pretrain --config <this file>).")
-            log.info(describe_run(cfg, self.plan, rt.device.type, self.total_steps, self.steps_per_epoch,
-                                  self.schedule.peak_lr))
+            log.info(self.stage.describe(self))
         self.stop.start_clock()
         if self.planner is not None and self.state.total_steps == 0:
             self.planner.start(t_start)
@@ -145,32 +147,30 @@ class Trainer:
             log.info(f"signal {self.stop.signals.received} received: checkpoint at step {self.state.step} written, "
                      "exiting for requeue")
             return {"stop_reason": reason}
-        results = self.evaluate(with_baseline=cfg.eval.baseline)
+        results = self.evaluate("final")
         if rt.is_main:
-            self.finish(results, time.monotonic() - t_start, self.state.step - start_step, reason)
+            self.stage.finish(self, results, time.monotonic() - t_start, self.state.step - start_step, reason)
+        self.metrics.close()
         return {"stop_reason": reason, "bad_samples": len(self.loader.bad.bad), **results}
 
     def after_step(self) -> str | None:
         """Log, checkpoint and evaluate where the step just taken calls for it; then the all-rank stop decision."""
-        cfg, step = self.cfg, self.state.step
+        step = self.state.step
         last = step >= self.total_steps
         postfix = None
-        if step % cfg.train.log_every == 0 or last:
+        if step % self.stage.log_every == 0 or last:
             postfix = self.log_train()
             self.report_bad()
         self.progress.update(1, postfix)
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-            self.save(periodic=True)
         if self.planner is not None:
             plan_length(self)  # a time budget: decide the length in the warm-up, re-plan at epoch boundaries
+        if self.cadence.due(step, last):
+            self.save(periodic=True)  # after a re-plan: the checkpoint carries the length the run goes on with
         if last:
             return None
-        if step % self.steps_per_epoch == 0:
-            epoch = step // self.steps_per_epoch
-            if cfg.checkpoint.every_epochs and epoch % cfg.checkpoint.every_epochs == 0:
-                self.save(periodic=True)
-            if cfg.eval.every_epochs and epoch % cfg.eval.every_epochs == 0:
-                self.evaluate(with_baseline=False, probe=False)
+        every = self.stage.monitor_every_epochs
+        if every and step % self.steps_per_epoch == 0 and (step // self.steps_per_epoch) % every == 0:
+            self.evaluate("monitor")
         return self.stop.reason(step)
 
     def set_length(self, total: int, bend_step: int = 0, bend_progress: float = 0.0, warmup_steps: int = 0) -> None:
@@ -180,8 +180,7 @@ class Trainer:
         self.schedule = type(s)(total, w or s.warmup_steps, s.peak_lr, s.final_lr, bend_step, bend_progress)
         self.state.total_steps, self.state.bend_step, self.state.bend_progress = total, bend_step, bend_progress
         self.state.warmup_steps, self.progress.total = w, total
-        self.cfg.train.epochs, self.cfg.train.time_budget_minutes = total / self.steps_per_epoch, 0.0
-        self.cfg.optim.warmup_epochs = self.schedule.warmup_steps / self.steps_per_epoch
+        self.stage.record_length(total / self.steps_per_epoch, self.schedule.warmup_steps / self.steps_per_epoch)
 
     def log_train(self) -> str:
         step, window_steps = self.state.step, self.state.step - self.window.first_step
@@ -198,14 +197,20 @@ class Trainer:
                                          **self.timer.pop_ms_per_step(window_steps)})
         return f"loss {loss:.4f} lr {lr:.3g} {ips:.0f} img/s"
 
-    def evaluate(self, with_baseline: bool, probe: bool = True) -> dict:
-        """Evaluation, logged with the training seconds it follows (wall time less all evaluations)."""
+    def evaluate(self, kind: str) -> dict:
+        """The stage's evaluation (``kind``: 'final', 'monitor', or 'budget' — the one a time budget times), logged with
+        the training seconds it follows (wall time less all evaluations)."""
         t0 = time.monotonic()
-        results = evaluate_run(self.cfg, self.model, self.rt, with_baseline=with_baseline, probe=probe)
+        results = self.stage.evaluate(self, kind)
         train_s, self.eval_s = t0 - self.t_start - self.eval_s, self.eval_s + time.monotonic() - t0
-        self.metrics.log("eval", self.state.step, {"epoch": self.epoch, "train_s": train_s,
+        self.metrics.log("eval", self.state.step, {"epoch": self.state.step / self.steps_per_epoch, "train_s": train_s,
                                                    "eval_s": time.monotonic() - t0, **results})
         return results
+
+    def save_config(self, note: str) -> None:
+        if self.rt.is_main:
+            save_config(self.cfg, os.path.join(self.out_dir, "config.yaml"), f"{note}: a recipe (fastclr "
+                        f"{self.stage.name} --config <this file>).")
 
     # ------------------------------------------------------------------------------------------------------------ #
     def save(self, periodic: bool = False, force: bool = False) -> None:
@@ -232,19 +237,9 @@ class Trainer:
         self.skips.reset(state.nonfinite_steps)
         if state.total_steps:  # a length chosen for a time budget: the same schedule as before the restart
             self.set_length(state.total_steps, state.bend_step, state.bend_progress, state.warmup_steps)
-        keys_per_step = 2 * (self.plan.global_batch if self.objective.group else self.plan.micro_batch * self.plan.accumulation)
-        self.objective.resume(state.step, keys_per_step)
+        self.objective.resume(state.step, self.plan)
         return True
-
-    def finish(self, results: dict, elapsed: float, steps: int, stop: str | None) -> None:
-        from .models.export import save_backbone
-
-        run_dir = self.cfg.logging.dir
-        backbone = save_backbone(self.model, os.path.join(run_dir, "backbone.pt"))
-        self.metrics.close()
-        summarize(steps=steps, elapsed_s=elapsed, images_per_step=self.plan.global_batch, stop=stop,
-                  ckpt_dir=self.cfg.checkpoint.dir, run_dir=run_dir, plots=plot_run(run_dir), backbone=backbone,
-                  results=results)
 
     def close(self) -> None:
         self.metrics.close()
+        self.stage.close()

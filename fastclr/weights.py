@@ -1,4 +1,4 @@
-"""Reading networks back from what runs write and users download — safely — and writing them out as plain tensors.
+"""Reading networks back from what runs write and users download — safely (writing them: :mod:`fastclr.export`).
 
 A source is one of: a checkpoint folder (``<checkpoint.dir>/stepNNNNNNNNN``, sealed with its ``COMPLETE`` marker, a
 preempted run's included), a ``checkpoint.dir`` (its newest complete checkpoint), an exported backbone
@@ -17,15 +17,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import atomic
 from .checkpoint import COMPLETE, complete_tags, read_meta
-from .models.export import _strip_wrappers
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 """DeepSpeed's file of the module's state (with ZeRO 0 every rank's copy is the same; rank 0 writes it)."""
 CLASSIFIER_FORMAT = "fastclr-classifier"
 META_KEY = "fastclr"
 """The safetensors metadata entry holding {"kind", "config", ...} as JSON."""
+BACKBONE_PREFIX = "backbone."
+NON_BACKBONE_PREFIXES = ("head.", "fc.")
+
+
+def strip_wrappers(key: str) -> str:
+    """Drop what wrappers add to a key: DDP/DeepSpeed's leading ``module.``, torch.compile's ``_orig_mod.``."""
+    key = key.replace("_orig_mod.", "")
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
 
 
 class UnsafeFileError(ValueError):
@@ -121,7 +129,7 @@ def load_weights(path: str) -> Weights:
             raise FileNotFoundError(f"checkpoint '{folder}' has no {MODEL_STATES}")
         module = load_file(states)
         module = module.get("module") if isinstance(module, dict) else None
-        state = {_strip_wrappers(k): v for k, v in _tensors_only(module, states).items()}
+        state = {strip_wrappers(k): v for k, v in _tensors_only(module, states).items()}
         meta.pop("files", None)
         return Weights("checkpoint", state, meta.get("config"), folder, meta)
     if path.endswith(".safetensors"):
@@ -131,61 +139,7 @@ def load_weights(path: str) -> Weights:
     if isinstance(obj, dict) and obj.get("format") == CLASSIFIER_FORMAT:
         meta = {k: v for k, v in obj.items() if k not in ("state_dict", "config")}
         return Weights("classifier", _tensors_only(obj.get("state_dict"), path), obj.get("config"), path, meta)
-    state = {_strip_wrappers(k): v for k, v in _tensors_only(obj, path).items()}
+    state = {strip_wrappers(k): v for k, v in _tensors_only(obj, path).items()}
     if any(k.startswith("backbone.") for k in state):  # a whole SimCLR model's state_dict
         return Weights("checkpoint", state, _config_beside(path), path)
     return Weights("backbone", state, _config_beside(path), path)
-
-
-# --------------------------------------------------------------------------------------------------------------- #
-# Writing
-
-
-def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU copies (safetensors stores neither strides nor shared storage); floats as fp32."""
-    return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype,
-                              memory_format=torch.contiguous_format, copy=True) for k, v in state.items()}
-
-
-def save_safetensors(state: dict[str, torch.Tensor], path: str, meta: dict) -> str:
-    from safetensors.torch import save
-
-    atomic.write_bytes(path, save(_plain(state), metadata={META_KEY: json.dumps(meta)}))
-    return path
-
-
-def save_classifier(model: torch.nn.Module, path: str, config: dict, **meta) -> str:
-    """A fine-tuned or distilled network as one weights_only-loadable file: its state_dict, the config that builds
-    it, and ``meta`` (num_classes, head_layers, labels, figures)."""
-    state = _plain({_strip_wrappers(k): v for k, v in model.state_dict().items()})
-    atomic.torch_save({"format": CLASSIFIER_FORMAT, "state_dict": state, "config": config, **meta}, path)
-    return path
-
-
-def export(weights: Weights, out_dir: str, head: bool = False) -> list[str]:
-    """``backbone.pt`` (torchvision names; loads into torchvision's ResNet with ``strict=False``, only ``fc``
-    missing), ``backbone.safetensors`` and, with ``head``, ``head.pt`` / ``head.safetensors`` (the projection head's
-    ``mlp.*``, loadable into :class:`fastclr.models.ProjectionHead`); ``config.yaml`` beside them, so that
-    ``fastclr eval`` and ``fastclr linear`` can rebuild the network from the export. Returns the paths written."""
-    from .config import dump_config, from_dict
-    from .config.schema import Config
-
-    backbone = weights.backbone()
-    if not backbone:
-        raise ValueError(f"'{weights.path}' holds no backbone tensors to export")
-    meta = {"kind": "backbone", "source": os.path.abspath(weights.path), "config": weights.config}
-    out = [os.path.join(out_dir, "backbone.pt"), os.path.join(out_dir, "backbone.safetensors")]
-    atomic.torch_save(_plain(backbone), out[0])
-    save_safetensors(backbone, out[1], meta)
-    if head:
-        tensors = weights.head()
-        if not tensors:
-            raise ValueError(f"'{weights.path}' holds no projection head to export (an exported backbone has none)")
-        out += [os.path.join(out_dir, "head.pt"), os.path.join(out_dir, "head.safetensors")]
-        atomic.torch_save(_plain(tensors), out[2])
-        save_safetensors(tensors, out[3], {**meta, "kind": "head"})
-    if weights.config is not None:
-        text = dump_config(from_dict(Config, weights.config), f"The config of the run that made {weights.path}.")
-        out.append(os.path.join(out_dir, "config.yaml"))
-        atomic.write_text(out[-1], text)
-    return out

@@ -1,4 +1,4 @@
-"""SimCLR pretraining from a checkout: the same command as ``fastclr pretrain`` (see fastclr/pretrain.py).
+"""SimCLR pretraining from a checkout: the same command as ``fastclr pretrain`` (see fastclr/tasks/pretrain.py).
 
     deepspeed launchers/pretrain.py                         # embedded default dataset, whatever this machine has
     deepspeed --num_gpus 8 launchers/pretrain.py --config launchers/configs/imagenet_resnet50_bs4096.yaml
@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fastclr first
 
-from fastclr.pretrain import main  # noqa: E402
+from fastclr.tasks.pretrain import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

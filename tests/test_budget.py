@@ -87,8 +87,8 @@ def test_a_short_budget_ends_its_cosine_on_time(tmp_path):
     cfg = tiny_config(tmp_path, "train.time_budget_minutes=0.75", "optim.warmup_epochs=2", "optim.final_lr=0.01",
                       "eval.every_epochs=4", "train.log_every=5", "train.epochs=1000")
     trainer = make_trainer(cfg)
-    finish, ended = trainer.finish, []
-    trainer.finish = lambda *a, **k: (ended.append(time.monotonic()), finish(*a, **k))
+    finish, ended = trainer.stage.finish, []
+    trainer.stage.finish = lambda *a, **k: (ended.append(time.monotonic()), finish(*a, **k))
     t0 = time.monotonic()
     trainer.train()
     wall = ended[0] - t0

@@ -132,7 +132,7 @@ def test_a_marker_without_checksums_vouches_for_completeness_only(tmp_path):
 
 FULL_DISK_RUN = """
 import resource, sys
-from fastclr.pretrain import main
+from fastclr.tasks.pretrain import main
 limit = int(sys.argv[1])
 if limit:  # Python ignores SIGXFSZ: a write past the limit fails with EFBIG instead of killing the process
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

@@ -115,7 +115,11 @@ def test_stop_policy_reasons_on_one_process(monkeypatch):
 
 
 def test_exit_code_requeues_from_rank_zero_only(tmp_path, monkeypatch):
-    from fastclr.preemption import PREEMPTED_EXIT_CODE, exit_code
+    from fastclr.preemption import PREEMPTED_EXIT_CODE
+    from fastclr.tasks.common import exit_status
+
+    def exit_code(reason, is_main):
+        return exit_status({"stop_reason": reason}, is_main)
 
     log = tmp_path / "scontrol.log"
     (tmp_path / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")

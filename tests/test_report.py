@@ -9,7 +9,9 @@ import numpy as np
 from fastclr import logs
 from fastclr.data.screen import BadSamples
 from fastclr.data.sources import ArraySource
-from fastclr.report import BadSampleReport, plot_run, result_line
+from fastclr.bad_images import BadSampleReport
+from fastclr.plots import plot_run
+from fastclr.summary import result_line
 
 
 def test_result_line_shows_the_baseline_beside_each_figure():

@@ -547,3 +547,38 @@ def test_requeue_reports_failure_without_raising(fake, monkeypatch):
 
     assert requeue({"SLURM_JOB_ID": "1"}, runner=missing) is False
     assert requeue({"SLURM_JOB_ID": "1"}, runner=hung) is False
+
+
+def test_submit_chains_a_stage_after_the_job_that_writes_its_source(fake, submit, capsys, tmp_path):
+    source = tmp_path / "run" / "checkpoints"  # pretraining (job 123) has not written it yet
+    assert submit(["--task", "finetune", "--source", str(source), "--after", "123", "--nodes", "1",
+                   "--gpus-per-node", "2", "--cpu", "--dry-run", "finetune.global_batch_size=64"]) == 0
+    out = capsys.readouterr().out
+    assert "does not exist yet (job 123 writes it)" in out and "task: finetune from" in out
+    assert "global 64 = micro 32 x accumulation 1 x world 2" in out  # the stage's own batch section
+    line = out.split("sbatch command:\n")[1].splitlines()[0].split()
+    assert "--dependency=afterok:123" in line and "--job-name=fastclr-finetune-source-config" in line
+    assert line[line.index(SBATCH) + 1:] == ["--task", "finetune", "--source", str(source), "--mode", "rank",
+                                            "--gpus-per-node", "2", "finetune.global_batch_size=64"]
+    assert fake.calls() == []
+
+
+def test_submit_refuses_a_stage_it_cannot_run_naming_what_is_wrong(fake, submit, capsys, tmp_path):
+    assert submit(["--task", "distill", "--source", str(tmp_path / "none.pt"), "--nodes", "1"]) == 2
+    assert "does not exist (chain the job with --after JOBID" in capsys.readouterr().err
+    assert submit(["--task", "finetune", "--source", str(tmp_path / "later"), "--after", "7", "--nodes", "1",
+                   "--gpus-per-node", "2", "finetune.global_batch_size=63"]) == 2
+    assert "'finetune.global_batch_size'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        submit(["--task", "linear", "--nodes", "1"])  # no --source
+    assert "needs --source" in capsys.readouterr().err
+    assert fake.calls() == []
+
+
+def test_a_stage_runs_on_every_rank_through_the_stage_launcher():
+    world = SlurmWorld(job_id=9, nodes=("cpu1", "cpu2"), gpus_per_node=2, node_rank=0, master_port=29500)
+    cmd = launch_command(world, None, ["finetune.labels=1%"], task="finetune", source="/runs/a/checkpoints")
+    assert cmd[cmd.index("--") + 1:] == [os.path.join(ROOT, "launchers", "stage.py"), "finetune",
+                                         "/runs/a/checkpoints", "finetune.labels=1%"]
+    with pytest.raises(SlurmError, match="needs a source"):
+        launch_command(world, None, [], task="distill")

@@ -173,22 +173,72 @@ def test_a_job_that_finishes_equals_the_deepspeed_launcher(cluster, reference, t
     print(f"\nmeasured: finished job, 2 nodes x 1 rank: {wall:.0f} s")
 
 
-def test_usr1_preemption_checkpoints_requeues_and_resumes_bit_identical(cluster, reference, tmp_path):
-    t0 = time.monotonic()
-    job = submit(cluster, tmp_path, nodes=1, ranks=2)
-    wait_for(lambda: len(train_rows(tmp_path)) >= 10, 300, "10 training steps")
-    cluster.run("scancel", "--signal=USR1", "--full", str(job))  # what Slurm's preemption warning does
-    fields = cluster.wait_finished(job, 400)
-    wall = time.monotonic() - t0
-    log = slurm_log(tmp_path, job)
-    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", log[-3000:]
-    assert f"fastclr: job {job} start 1 on" in log  # SLURM_RESTART_COUNT=1 in the second start
-    stop = int(re.search(r"signal SIGUSR1 received: checkpoint at step (\d+) written", log).group(1))
-    assert 10 <= stop < STEPS
-    assert tasks_exited(log, 3) == {0, 1}  # both ranks finished the step, checkpointed and exited 3
-    assert f"resumed from {tmp_path / 'ckpt' / checkpoint.tag_for(stop)} at step {stop}," in log
-    assert_same(final_params(tmp_path / "ckpt", STEPS), reference)
-    print(f"\nmeasured: USR1 preemption, 1 node x 2 ranks, stop at step {stop}, requeue, resume: {wall:.0f} s")
+STAGES = {
+    "finetune": ["finetune.epochs=10", "finetune.global_batch_size=32", "finetune.log_every=1"],  # 140 labels: 40 steps
+    "distill": ["distill.epochs=2", "distill.warmup_epochs=0.5", "distill.global_batch_size=64",  # 44 steps
+                "distill.log_every=1"],
+}
+
+
+@pytest.fixture(scope="module")
+def reference_stages(reference_run):
+    """Final parameters of finetune and distill after the reference pretraining, each uninterrupted, 2 ranks under
+    the deepspeed launcher outside Slurm: {stage: parameters}."""
+    out, t0 = {}, time.monotonic()
+    sources = {"finetune": reference_run / "ckpt", "distill": reference_run / "run" / "finetune" / "classifier.pt"}
+    for stage in ("finetune", "distill"):
+        proc = subprocess.run([deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port()),
+                               os.path.join(ROOT, "launchers", "stage.py"), stage, str(sources[stage]),
+                               f"logging.dir={reference_run / 'run'}", *STAGES[stage]],
+                              env=job_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out[stage] = stage_params(reference_run / "run" / stage / "checkpoints")
+    print(f"\nmeasured: reference finetune + distill (deepspeed launcher, 2 ranks) {time.monotonic() - t0:.0f} s")
+    return out
+
+
+def stage_params(ckpt_dir):
+    tags = checkpoint.complete_tags(str(ckpt_dir))
+    return torch.load(os.path.join(ckpt_dir, tags[-1][1], "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+
+
+def stage_rows(path):
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"] if path.exists() else []
+
+
+def test_the_v2_pipeline_as_three_chained_jobs_each_preempted_ends_bit_identical(cluster, reference, reference_stages,
+                                                                                  tmp_path):
+    """pretrain → finetune (10% of the labels) → distill, submitted at once as three jobs chained with --after
+    (afterok), each stage sent USR1 (what Slurm's preemption warning does) after 10 steps: every rank finishes its
+    step, checkpoints and exits 3, the job requeues, resumes there, and the stage ends on the parameters of the
+    same stage run uninterrupted, bit for bit."""
+    t0, run = time.monotonic(), tmp_path / "run"
+    jobs = {"pretrain": submit(cluster, tmp_path, nodes=1, ranks=2)}
+    sources = {"finetune": tmp_path / "ckpt", "distill": run / "finetune" / "classifier.pt"}
+    for stage, after in (("finetune", "pretrain"), ("distill", "finetune")):
+        jobs[stage] = cluster.submit("--task", stage, "--source", str(sources[stage]), "--after", str(jobs[after]),
+                                     "--nodes", "1", "--gpus-per-node", "2", "--cpu", "--cpus-per-task", "1",
+                                     "--time", "10:00", f"logging.dir={run}", *STAGES[stage])
+    metrics = {"pretrain": run / "metrics.jsonl", "finetune": run / "finetune" / "metrics.jsonl",
+               "distill": run / "distill" / "metrics.jsonl"}
+    walls = {}
+    for stage, job in jobs.items():
+        wait_for(lambda: len(stage_rows(metrics[stage])) >= 10, 400, f"10 {stage} steps")
+        cluster.run("scancel", "--signal=USR1", "--full", str(job))
+        fields = cluster.wait_finished(job, 400)
+        walls[stage] = time.monotonic() - t0
+        log = (run if stage == "pretrain" else run / stage).joinpath(f"slurm-{job}.out").read_text()
+        assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", log[-3000:]
+        assert f"fastclr: job {job} start 1 on" in log  # SLURM_RESTART_COUNT=1 in the second start
+        stop = int(re.search(r"signal SIGUSR1 received: checkpoint at step (\d+) written", log).group(1))
+        assert stop >= 10 and tasks_exited(log, 3) == {0, 1}  # both ranks checkpointed and exited 3
+        ckpt = tmp_path / "ckpt" if stage == "pretrain" else run / stage / "checkpoints"
+        assert f"resumed from {ckpt / checkpoint.tag_for(stop)} at step {stop}," in log
+        assert_same(final_params(ckpt, STEPS) if stage == "pretrain" else stage_params(ckpt),
+                    reference if stage == "pretrain" else reference_stages[stage])
+        t0 = time.monotonic()
+    print("\nmeasured: v2 chain, 1 node x 2 ranks, USR1 in each stage, requeue, resume, bit-identical: " +
+          ", ".join(f"{s} {w:.0f} s" for s, w in walls.items()))
 
 
 def test_the_time_limit_warning_checkpoints_and_requeues_before_the_limit(cluster, reference_run, tmp_path):

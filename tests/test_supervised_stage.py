@@ -1,10 +1,10 @@
-"""The supervised step on DeepSpeed: K ranks × B/K images train what one process trains on B images; evaluation
-counts are summed over the ranks; the batch arithmetic and the masked cross-entropy."""
+"""The supervised stage on the trainer every stage shares: K ranks × B/K images train what one process trains on B
+images; evaluation counts are summed over the ranks; the batch arithmetic and the masked cross-entropy."""
 import pytest
 import torch
 
-from fastclr.classify import cross_entropy, task_plan
-from fastclr.config import ConfigError, load_config
+from fastclr.config import ConfigError, batch_plan, load_config
+from fastclr.stages.supervised import cross_entropy
 from tests.multiproc import run_ranks
 
 GLOBAL_BATCH, STEPS = 16, 3
@@ -22,23 +22,24 @@ def _batches():
 
 def _finetune(rank, world, batches, out_dir, optimizer):
     from fastclr import runtime
-    from fastclr.classify import SupervisedRun, evaluate
     from fastclr.data import build_source
     from fastclr.distributed import global_bn_layer
     from fastclr.models.classifier import classifier_from
+    from fastclr.stages.supervised import Supervised, evaluate
     from fastclr.tasks import common
+    from fastclr.trainer import Trainer
 
-    cfg = load_config("default", _CFG + [f"logging.dir={out_dir}/{world}-{rank}", f"finetune.optimizer={optimizer}"])
+    cfg = load_config("default", _CFG + [f"logging.dir={out_dir}/{world}-{rank}", f"finetune.optimizer={optimizer}",
+                                         f"checkpoint.dir={out_dir}/{world}-{rank}/ckpt"])
     rt = runtime.Runtime(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
-    plan = task_plan(cfg.finetune, "finetune", world)
+    plan = batch_plan(cfg, world, "finetune")
     # The cross-rank BN layer on both sides (a group of one in the one-process run): the same BN arithmetic, so
     # only the data-parallel decomposition differs.
     encoder = common.pretrained_model(None, cfg, global_bn_layer(world), random_init=True)
     model = classifier_from(encoder, 10, 1)
     source = build_source(cfg.data, "train")
-    run = SupervisedRun(cfg, cfg.finetune, "finetune", rt, plan, model, common.train_loader(cfg, cfg.finetune, rt,
-                        plan, source), common.test_loader(cfg, rt, batch_size=64),
-                        lambda engine, x, y: cross_entropy(engine(x), y), f"{out_dir}/{world}-{rank}")
+    run = Trainer(cfg, rt, plan, Supervised(cfg, "finetune", model, source, common.classification_loss,
+                                            f"{out_dir}/{world}-{rank}"))
     n = GLOBAL_BATCH // world
     losses = []
     for x, y in batches:
@@ -48,7 +49,7 @@ def _finetune(rank, world, batches, out_dir, optimizer):
             torch.distributed.all_reduce(loss)
         losses.append(loss.item() / world)
     return {"losses": losses, "params": {k: v.detach().clone() for k, v in run.model.state_dict().items()},
-            "eval": evaluate(run.model, run.test_loader, rt.device)}
+            "eval": evaluate(run.model, run.stage.test_loader(rt), rt.device)}
 
 
 @pytest.mark.parametrize("optimizer", ["lars", "sgd"])
@@ -80,9 +81,8 @@ def test_cross_entropy_ignores_unlabelled_samples_without_nan():
 def test_batch_arithmetic_fails_naming_the_task_field():
     cfg = load_config(None, ["finetune.global_batch_size=30", "finetune.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="'finetune.global_batch_size'.*world size 4"):
-        task_plan(cfg.finetune, "finetune", 4)
+        batch_plan(cfg, 4, "finetune")
     with pytest.raises(ConfigError, match="'finetune.micro_batch_size'"):
-        task_plan(cfg.finetune, "finetune", 3)
-    plan = task_plan(load_config(None, ["linear.global_batch_size=64", "linear.micro_batch_size=8"]).linear,
-                     "linear", 2)
+        batch_plan(cfg, 3, "finetune")
+    plan = batch_plan(load_config(None, ["linear.global_batch_size=64", "linear.micro_batch_size=8"]), 2, "linear")
     assert (plan.global_batch, plan.micro_batch, plan.accumulation) == (64, 8, 4)

@@ -8,7 +8,8 @@ import torch
 from fastclr.checkpoint import COMPLETE
 from fastclr.config import load_config, to_dict
 from fastclr.models import ProjectionHead, build_backbone, build_model
-from fastclr.weights import MODEL_STATES, UnsafeFileError, export, load_file, load_weights, save_classifier
+from fastclr.export import export, save_classifier
+from fastclr.weights import MODEL_STATES, UnsafeFileError, load_file, load_weights
 
 _TINY = ["model.width_mult=0.125", "model.proj_hidden_dim=24", "model.proj_out_dim=8", "model.proj_layers=3"]
 

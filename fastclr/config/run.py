@@ -18,13 +18,15 @@ class BatchPlan:
     world_size: int
 
 
-def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
-    """global = micro × accumulation × world; the one place this arithmetic lives."""
-    g = cfg.train.global_batch_size
-    _check(g % world_size == 0, "train.global_batch_size",
+def batch_plan(cfg: Config, world_size: int, section: str = "train") -> BatchPlan:
+    """global = micro × accumulation × world of ``section`` ('train' for pretraining, or the stage's own 'linear',
+    'finetune', 'distill'); the one place this arithmetic lives, its errors naming the section's fields."""
+    s = getattr(cfg, section)
+    g = s.global_batch_size
+    _check(g % world_size == 0, f"{section}.global_batch_size",
            f"{g} is not divisible by the world size {world_size}; use a multiple of {world_size}")
-    micro = cfg.train.micro_batch_size or g // world_size
-    _check(g % (micro * world_size) == 0, "train.micro_batch_size",
+    micro = s.micro_batch_size or g // world_size
+    _check(g % (micro * world_size) == 0, f"{section}.micro_batch_size",
            f"global batch {g} is not divisible by micro batch {micro} × world size {world_size}")
     return BatchPlan(g, micro, g // (micro * world_size), world_size)
 
@@ -55,23 +57,25 @@ def missing_paths(cfg: Config) -> list[tuple[str, str]]:
     return out
 
 
-def validate_run(cfg: Config, world_size: int, cuda: bool | None, local_files: bool = True) -> BatchPlan:
+def validate_run(cfg: Config, world_size: int, cuda: bool | None, local_files: bool = True,
+                 section: str = "train") -> BatchPlan:
     """Checks that need the world size, the device or the files; call before building anything.
 
     ``cuda=None``: the ranks' device is not known here (a login node, a batch shell): the device checks are left to
     the ranks. ``local_files=False`` (a node that does not mount the data): missing paths are left to
     :func:`missing_paths` for a warning instead of failing here.
     """
-    plan = batch_plan(cfg, world_size)
+    plan = batch_plan(cfg, world_size, section)
     if cuda is not None:
         _check_device(cfg, cuda)
     if cfg.distributed.zero_stage != 0:
         raise ConfigError(
             f"config field 'distributed.zero_stage': {cfg.distributed.zero_stage} is refused: ZeRO shards flattened "
             "parameters, which breaks LARS's per-layer trust ratios; use 0")
-    if cfg.train.time_budget_minutes and cfg.optim.warmup_epochs <= 0:
+    warmup = "optim.warmup_epochs" if section == "train" else f"{section}.warmup_epochs"
+    if cfg.train.time_budget_minutes and (cfg.optim if section == "train" else getattr(cfg, section)).warmup_epochs <= 0:
         raise ConfigError("config field 'train.time_budget_minutes': the run measures its speed during the warm-up, "
-                          "while the LR does not yet depend on the run's length; set optim.warmup_epochs > 0")
+                          f"while the LR does not yet depend on the run's length; set {warmup} > 0")
     if bool(cfg.model.momentum) != bool(cfg.loss.memory_size):
         raise ConfigError("config field 'loss.memory_size': SimCLR v2's memory needs both a momentum encoder "
                           f"(model.momentum={cfg.model.momentum}) and a queue (loss.memory_size={cfg.loss.memory_size}); "
@@ -100,10 +104,10 @@ def _check_device(cfg: Config, cuda: bool) -> None:
                           "(its collectives refuse them); use auto or nccl")
 
 
-def check_dataset_fits(plan: BatchPlan, batches_per_epoch: int, num_samples: int) -> int:
+def check_dataset_fits(plan: BatchPlan, batches_per_epoch: int, num_samples: int, section: str = "train") -> int:
     """Optimizer steps per epoch; fails naming the batch field when the dataset holds less than one step."""
     steps = batches_per_epoch // plan.accumulation
-    _check(steps >= 1, "train.global_batch_size",
+    _check(steps >= 1, f"{section}.global_batch_size",
            f"{plan.global_batch} is larger than the dataset's {num_samples} samples; lower it")
     return steps
 

@@ -1,26 +1,17 @@
 """The configuration tree of a pretraining run: typed sections, one documented field each, validated on creation.
 
-Choices are ``Literal`` types defined here once; the library modules that implement them import these types, so a
-choice list has one source. Every section checks itself in ``__post_init__`` and fails with a :class:`ConfigError`
-naming the field; checks that need the world size or the machine live in :mod:`fastclr.config.run`.
+Choices are the ``Literal`` types of :mod:`.choices` (re-exported here). Every section checks itself in
+``__post_init__`` and fails with a :class:`ConfigError` naming the field; checks that need the world size or the
+machine live in :mod:`fastclr.config.run`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 from .checks import ConfigError, _at_least, _check, _check_choice, choices  # noqa: F401  (re-exported)
+from .choices import Arch, Backend, Compile, CompileMode, Dataset, Dtype, LossImpl, LrScaling  # noqa: F401
 from .tasks import DistillConfig, FinetuneConfig, LinearConfig  # the sections of linear/finetune/distill
-
-
-Dataset = Literal["digits", "auto", "folder", "filelist", "tar"]
-Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
-LossImpl = Literal["auto", "naive", "tiled", "triton"]
-LrScaling = Literal["linear", "sqrt", "none"]
-Dtype = Literal["auto", "bf16", "fp16", "fp32"]
-Backend = Literal["auto", "nccl", "gloo"]
-Compile = Literal["auto", "true", "false"]
 
 
 @dataclass
@@ -148,7 +139,7 @@ class ModelConfig:
     compile: Compile = "auto"
     """torch.compile the network: 'auto' (on CUDA, off on CPU, where compiling takes a minute for a few % of speed),
     'true' or 'false'."""
-    compile_mode: str = "default"
+    compile_mode: CompileMode = "default"
     """torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs) or 'max-autotune'."""
 
     def __post_init__(self):
@@ -161,7 +152,7 @@ class ModelConfig:
         _at_least(self, "model", 1, "proj_hidden_dim", "proj_out_dim", "proj_layers")
         _check_choice(self.compile, Compile, "model.compile", "compile setting")
         _check(0.0 <= self.momentum < 1.0, "model.momentum", f"must lie in [0, 1) (0 = off), got {self.momentum}")
-        _check_choice(self.compile_mode, Literal["default", "reduce-overhead", "max-autotune"], "model.compile_mode",
+        _check_choice(self.compile_mode, CompileMode, "model.compile_mode",
                       "compile mode")
 
 

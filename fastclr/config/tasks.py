@@ -12,12 +12,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
-
 from .checks import _at_least, _check, _check_choice
+from .choices import Arch, LrScaling, Optimizer, StudentArch, StudentInit
 
-Optimizer = Literal["lars", "sgd"]
-StudentInit = Literal["random", "teacher"]
 LABEL_FRACTION = re.compile(r"^(\d+(?:\.\d+)?)%$")
 """``--labels 1%``: a class-balanced fraction of the training labels; anything else names a file list."""
 
@@ -33,13 +30,6 @@ def label_fraction(labels: str) -> float | None:
     return fraction
 
 
-def _choices():
-    """The schema's choice types (imported late: the schema imports this module)."""
-    from . import schema
-
-    return schema
-
-
 def _check_training(section, name: str) -> None:
     """The checks every supervised section shares (same field names in each)."""
     _check(section.epochs > 0, f"{name}.epochs", f"must be > 0, got {section.epochs}")
@@ -47,7 +37,7 @@ def _check_training(section, name: str) -> None:
     _at_least(section, name, 0, "micro_batch_size")
     _check_choice(section.optimizer, Optimizer, f"{name}.optimizer", "optimizer")
     _check(section.base_lr > 0, f"{name}.base_lr", f"must be > 0, got {section.base_lr}")
-    _check_choice(section.lr_scaling, _choices().LrScaling, f"{name}.lr_scaling", "LR scaling rule")
+    _check_choice(section.lr_scaling, LrScaling, f"{name}.lr_scaling", "LR scaling rule")
     _check(0 <= section.momentum < 1, f"{name}.momentum", f"must lie in [0, 1), got {section.momentum}")
     _at_least(section, name, 0, "weight_decay", "warmup_epochs")
     _check(section.warmup_epochs < section.epochs, f"{name}.warmup_epochs",
@@ -84,7 +74,7 @@ class LinearConfig:
     """'sgd' (Nesterov momentum, the reference's ``--optimizer=momentum``) or 'lars'."""
     base_lr: float = 0.1
     """Base LR, scaled by ``lr_scaling`` (reference: 0.1 linear, 1.6 at 4096)."""
-    lr_scaling: str = "linear"
+    lr_scaling: LrScaling = "linear"
     """'linear' (base·B/256), 'sqrt' (base·√B) or 'none' (as in optim.lr_scaling)."""
     momentum: float = 0.9
     weight_decay: float = 1e-6
@@ -123,7 +113,7 @@ class FinetuneConfig:
     optimizer: Optimizer = "lars"
     base_lr: float = 0.005
     """v2: 0.16 = 0.005·√1024 for standard ResNets, 0.064 = 0.002·√1024 for wider ones and SK."""
-    lr_scaling: str = "sqrt"
+    lr_scaling: LrScaling = "sqrt"
     momentum: float = 0.9
     weight_decay: float = 0.0
     """v2 removes weight decay for fine-tuning."""
@@ -156,7 +146,7 @@ class DistillConfig:
     default)."""
     labels: str = ""
     """Labelled subset for ``label_weight`` > 0 (same forms as finetune.labels); empty: the teacher's."""
-    student_arch: str = ""
+    student_arch: StudentArch = ""
     """Student backbone (resnet18 … resnet152); empty: the teacher's network (self-distillation)."""
     student_width_mult: float = 1.0
     """Student width (with ``student_arch``)."""
@@ -170,7 +160,7 @@ class DistillConfig:
     micro_batch_size: int = 0
     optimizer: Optimizer = "lars"
     base_lr: float = 0.1
-    lr_scaling: str = "sqrt"
+    lr_scaling: LrScaling = "sqrt"
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: float = 20.0
@@ -191,4 +181,4 @@ class DistillConfig:
                f"{self.student_sk_ratio}")
         _check_choice(self.student_init, StudentInit, "distill.student_init", "student init")
         if self.student_arch:
-            _check_choice(self.student_arch, _choices().Arch, "distill.student_arch", "arch")
+            _check_choice(self.student_arch, Arch, "distill.student_arch", "arch")

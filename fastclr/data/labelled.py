@@ -77,9 +77,10 @@ def with_labels(source: Source, labels: np.ndarray) -> Source:
 
 def build_labelled_loader(data_cfg, source: Source, *, crop_area: tuple[float, float], batch_size: int,
                           shard_id: int = 0, num_shards: int = 1, device: torch.device,
-                          dtype: torch.dtype = torch.float32, channels_last: bool = True) -> LabelledLoader:
+                          dtype: torch.dtype = torch.float32, channels_last: bool = True,
+                          batch_field: str = "train.global_batch_size") -> LabelledLoader:
     """The supervised loader of ``source`` with ``data_cfg``'s image size, threads, seed and normalization (a
     :class:`fastclr.config.DataConfig`) and crop + flip augmentation."""
     cfg = dataclasses.replace(data_cfg, augment=supervised_augment(data_cfg.augment, crop_area))
     return LabelledLoader(source, cfg, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
-                          device=device, dtype=dtype, channels_last=channels_last)
+                          device=device, dtype=dtype, channels_last=channels_last, batch_field=batch_field)

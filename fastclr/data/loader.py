@@ -98,7 +98,8 @@ class TrainLoader:
     labels)."""
 
     def __init__(self, source: Source, cfg, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
-                 device: torch.device, dtype: torch.dtype = torch.float32, channels_last: bool = True):
+                 device: torch.device, dtype: torch.dtype = torch.float32, channels_last: bool = True,
+                 batch_field: str = "train.global_batch_size"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_shards < 1 or not 0 <= shard_id < num_shards:
@@ -110,7 +111,7 @@ class TrainLoader:
         self._batches = len(source) // num_shards // batch_size
         if self._batches < 1:
             raise ValueError(f"batch size {batch_size} × {num_shards} shard(s) is more than the {len(source)} samples "
-                             f"of {source.name}: lower the batch size (train.global_batch_size)")
+                             f"of {source.name}: lower the batch size ({batch_field})")
         self.epoch, self.position = 0, 0
         self._pipe = None
         self._pipe_g0 = 0        # global batch of the pipeline's first output after the build (or restore)

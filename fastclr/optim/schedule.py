@@ -82,11 +82,17 @@ class Schedule:
 
     @classmethod
     def of(cls, cfg, steps_per_epoch: int, global_batch: int) -> "Schedule":
-        """From a :class:`fastclr.config.Config`: lengths in epochs turned into steps of ``steps_per_epoch``."""
-        total = max(1, round(cfg.train.epochs * steps_per_epoch))
-        return cls(total_steps=total, warmup_steps=min(total - 1, round(cfg.optim.warmup_epochs * steps_per_epoch)),
-                   peak_lr=peak_lr(cfg.optim.base_lr, global_batch, cfg.optim.lr_scaling),
-                   final_lr=cfg.optim.final_lr)
+        """Pretraining's, from a :class:`fastclr.config.Config` (``train.epochs`` and the ``optim`` section)."""
+        return cls.in_epochs(cfg.train.epochs, cfg.optim.warmup_epochs, cfg.optim.base_lr, cfg.optim.lr_scaling,
+                             cfg.optim.final_lr, steps_per_epoch, global_batch)
+
+    @classmethod
+    def in_epochs(cls, epochs: float, warmup_epochs: float, base_lr: float, lr_scaling: str, final_lr: float,
+                  steps_per_epoch: int, global_batch: int) -> "Schedule":
+        """Lengths in epochs turned into steps of ``steps_per_epoch``; the peak LR scaled for ``global_batch``."""
+        total = max(1, round(epochs * steps_per_epoch))
+        return cls(total_steps=total, warmup_steps=min(total - 1, round(warmup_epochs * steps_per_epoch)),
+                   peak_lr=peak_lr(base_lr, global_batch, lr_scaling), final_lr=final_lr)
 
     def progress(self, step: int) -> float:
         """The cosine's progress at ``step``: 0 at the peak, 1 from the last step on. Before ``bend_step`` it is

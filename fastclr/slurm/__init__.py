@@ -38,11 +38,10 @@ hangs is killed that much later instead of holding the allocation.
 """
 from __future__ import annotations
 
-from ..preemption import PREEMPTED_EXIT_CODE
 from .launch import (DEFAULT_MODE, MODES, PRETRAIN_SCRIPT, deepspeed_command, describe, launch_command,
                      node_address, rank_env, requeue, task_command, trainer_args)
 from .world import (SlurmError, SlurmWorld, default_master_port, expand_nodelist, hostfile_text, parse_gpu_count)
 
-__all__ = ["DEFAULT_MODE", "MODES", "PREEMPTED_EXIT_CODE", "PRETRAIN_SCRIPT", "SlurmError", "SlurmWorld",
+__all__ = ["DEFAULT_MODE", "MODES", "PRETRAIN_SCRIPT", "SlurmError", "SlurmWorld",
            "default_master_port", "deepspeed_command", "describe", "expand_nodelist", "hostfile_text", "launch_command",
            "node_address", "parse_gpu_count", "rank_env", "requeue", "task_command", "trainer_args"]

@@ -12,31 +12,53 @@ from dataclasses import replace
 from typing import Sequence
 
 from .interfaces import gloo_env
-from .launch import (DEFAULT_MODE, DEFAULT_RECIPE, MODES, PRETRAIN_SCRIPT, describe, launch_command, node_address,
-                     task_command, trainer_args)
+from .launch import (DEFAULT_MODE, DEFAULT_RECIPE, MODES, PRETRAIN_SCRIPT, TASKS, describe, launch_command,
+                     node_address, task_command, trainer_args)
 from .world import SlurmError, SlurmWorld, hostfile_text
 
 
-def _check_recipe(recipe: str, overrides: Sequence[str], world: SlurmWorld):
+def job_config(task: str, source: str | None, recipe: str | None, overrides: Sequence[str]):
+    """(config, batch section) of what a job runs: pretraining's recipe ← overrides, or a stage's config from its
+    source (``fastclr.tasks.common.task_config``)."""
+    from ..config import load_config
+
+    if task == "pretrain":
+        return load_config(recipe or DEFAULT_RECIPE, overrides), "train"
+    from ..tasks.common import task_config
+    from ..weights import load_weights
+
+    return task_config(load_weights(source), recipe, list(overrides), task), task
+
+
+def _check_recipe(recipe: str | None, overrides: Sequence[str], world: SlurmWorld, task: str = "pretrain",
+                  source: str | None = None):
     """Fail in the batch shell, naming the field, rather than in every rank after the allocation started; (the
     batch arithmetic as text, the config)."""
-    from ..config import load_config, missing_paths, validate_run
+    from ..config import missing_paths, validate_run
 
-    cfg = load_config(recipe, overrides)
+    cfg, section = job_config(task, source, recipe, overrides)
     # cuda=None: the ranks' device is not known in this shell (a CPU batch node may drive GPU ranks, or gloo
     # ranks); the device checks are the ranks' own, before any compute. Likewise data mounted on the compute nodes
     # only: a warning here, the ranks' own check fails before any compute if a path is really missing.
-    plan = validate_run(cfg, world.world_size, cuda=None, local_files=False)
+    plan = validate_run(cfg, world.world_size, cuda=None, local_files=False, section=section)
     warnings = "".join(f"warning: {name} '{path}' is not visible on this node\n" for name, path in missing_paths(cfg))
     return (f"{warnings}batch: global {plan.global_batch} = micro {plan.micro_batch} x accumulation "
             f"{plan.accumulation} x world {plan.world_size}"), cfg
+
+
+def _job_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default=None,
+                   help=f"recipe name or YAML file (pretraining's default: {DEFAULT_RECIPE}; a stage's: its source's "
+                        "own config)")
+    p.add_argument("--task", choices=TASKS, default="pretrain", help="what the job runs (default: %(default)s)")
+    p.add_argument("--source", default=None, help="a stage's source: the checkpoint or classifier.pt it starts from")
 
 
 def _plan_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m fastclr.slurm plan",
                                 description="Resolve the Slurm world, print it, and start the ranks with srun.")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the command, start nothing")
-    p.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe name or YAML file (default: %(default)s)")
+    _job_arguments(p)
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="launch mode (default: %(default)s)")
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="override the GPUs per node read from SLURM_GPUS_* (on CPU nodes: ranks per node)")
@@ -48,10 +70,13 @@ def _plan_main(argv: Sequence[str]) -> int:
     p.add_argument("overrides", nargs="*", help="section.field=value, passed to the trainer")
     a = p.parse_intermixed_args(argv)
     world = SlurmWorld.from_env(gpus_per_node=a.gpus_per_node, master_port=a.master_port)
-    batch, cfg = _check_recipe(a.recipe, a.overrides, world)
+    if a.task == "pretrain" and a.recipe is None:
+        a.recipe = DEFAULT_RECIPE
+    batch, cfg = _check_recipe(a.recipe, a.overrides, world, a.task, a.source)
     world = replace(world, master_host=a.master_addr or node_address(world.nodes[0]))
-    cmd = launch_command(world, a.recipe, a.overrides, a.mode, a.script, wait_s=cfg.distributed.timeout)
-    print(describe(world, a.mode, cmd, trainer_args(a.recipe, a.overrides, a.script)))
+    cmd = launch_command(world, a.recipe, a.overrides, a.mode, a.script, wait_s=cfg.distributed.timeout,
+                         task=a.task, source=a.source)
+    print(describe(world, a.mode, cmd, trainer_args(a.recipe, a.overrides, a.script, a.task, a.source)))
     print(batch, flush=True)
     if a.dry_run:
         print("dry run: nothing started", flush=True)
@@ -118,16 +143,15 @@ def _progress_main(argv: Sequence[str]) -> int:
                                 description="Exit 0 printing its tag if a checkpoint of the recipe was completed after "
                                             "--since (Unix time), else 1: did a failed start make progress?")
     p.add_argument("--since", type=float, required=True)
-    p.add_argument("--recipe", default=DEFAULT_RECIPE)
+    _job_arguments(p)
     for hidden in ("--mode", "--gpus-per-node", "--master-port", "--master-addr", "--script"):  # plan's, passed along
         p.add_argument(hidden, default=None, help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*")
     a = p.parse_intermixed_args(argv)
     from ..checkpoint import COMPLETE, complete_tags
-    from ..config import load_config
 
-    ckpt_dir = load_config(a.recipe, a.overrides).checkpoint.dir
+    ckpt_dir = job_config(a.task, a.source, a.recipe, a.overrides)[0].checkpoint.dir
     tags = complete_tags(ckpt_dir)
     if tags and os.path.getmtime(os.path.join(ckpt_dir, tags[-1][1], COMPLETE)) > a.since:
         print(tags[-1][1])

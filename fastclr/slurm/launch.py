@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRETRAIN_SCRIPT = os.path.join(ROOT, "launchers", "pretrain.py")
+STAGE_SCRIPT = os.path.join(ROOT, "launchers", "stage.py")
+TASKS = ("pretrain", "linear", "finetune", "distill")
+"""What a job runs: pretraining (``launchers/pretrain.py``) or a stage after it from a SOURCE (``launchers/stage.py``)."""
 DEFAULT_RECIPE = os.path.join(ROOT, "launchers", "configs", "default.yaml")
 MODES = ("rank", "deepspeed")
 DEFAULT_MODE = "rank"
@@ -33,14 +36,21 @@ def _check_mode(mode: str) -> None:
         raise SlurmError(f"mode '{mode}' is unknown; choose one of {MODES}")
 
 
-def trainer_args(recipe: str | None = None, overrides: Sequence[str] = (), script: str = PRETRAIN_SCRIPT) -> list[str]:
-    """What follows ``python`` (or DeepSpeed's launcher) on every rank."""
-    return [script] + (["--config", recipe] if recipe else []) + list(overrides)
+def trainer_args(recipe: str | None = None, overrides: Sequence[str] = (), script: str = PRETRAIN_SCRIPT,
+                 task: str = "pretrain", source: str | None = None) -> list[str]:
+    """What follows ``python`` (or DeepSpeed's launcher) on every rank: ``script`` for pretraining, else
+    ``launchers/stage.py TASK SOURCE``."""
+    if task not in TASKS:
+        raise SlurmError(f"task '{task}' is unknown; choose one of {TASKS}")
+    if task != "pretrain" and not source:
+        raise SlurmError(f"task '{task}' needs a source (--source): the checkpoint or classifier.pt it starts from")
+    head = [script] if task == "pretrain" else [STAGE_SCRIPT, task, source]
+    return head + (["--config", recipe] if recipe else []) + list(overrides)
 
 
 def launch_command(world: SlurmWorld, recipe: str | None = None, overrides: Sequence[str] = (),
                    mode: str = DEFAULT_MODE, script: str = PRETRAIN_SCRIPT, python: str = sys.executable,
-                   wait_s: float | None = None) -> list[str]:
+                   wait_s: float | None = None, task: str = "pretrain", source: str | None = None) -> list[str]:
     """The ``srun`` command the batch script runs: one task per rank (mode rank) or per node (mode deepspeed).
     ``wait_s`` (the recipe's distributed.timeout): how long the other tasks may run on once one has ended."""
     _check_mode(mode)
@@ -64,7 +74,7 @@ def launch_command(world: SlurmWorld, recipe: str | None = None, overrides: Sequ
         cmd.append(f"--cpus-per-task={cpus}")
     cmd += [python, "-u", "-m", "fastclr.slurm", "exec", "--mode", mode, "--gpus-per-node", str(world.gpus_per_node),
             "--master-port", str(world.master_port), "--master-addr", world.master_addr, "--"]
-    return cmd + trainer_args(recipe, overrides, script)
+    return cmd + trainer_args(recipe, overrides, script, task, source)
 
 
 def node_address(node: str, runner: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> str:

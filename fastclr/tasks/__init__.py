@@ -1,5 +1,6 @@
-"""The commands after pretraining: ``fastclr eval | linear | finetune | distill | export`` (one module each), and
-what they share (:mod:`.common`)."""
+"""The commands: ``fastclr pretrain`` and, after it, ``fastclr eval | linear | finetune | distill | export`` (one
+module each), and what they share (:mod:`.common`). The training ones run on :class:`fastclr.trainer.Trainer` with
+their stage (:mod:`fastclr.stages`)."""
 COMMANDS = {
     "eval": "kNN monitor and quick probe of a checkpoint or exported backbone",
     "linear": "the standard linear evaluation protocol (frozen backbone, top-1/top-5)",

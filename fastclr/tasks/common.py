@@ -34,14 +34,25 @@ def parser(command: str, doc: str, source_help: str, training: bool = True) -> a
     return p
 
 
-def task_config(weights, recipe: str | None, overrides: list[str]):
-    """The source's config ← ``recipe`` ← ``overrides``."""
+def task_config(weights, recipe: str | None, overrides: list[str], name: str | None = None,
+                random_init: bool = False):
+    """The source's config ← ``recipe`` ← ``overrides``; for a training stage ``name``, the source's ``train`` and
+    ``checkpoint`` sections described the run that made it: the stage starts from their defaults (its batch and
+    length are in its own section), and its checkpoints go to ``<stage output>/checkpoints`` unless
+    ``checkpoint.dir`` is given."""
     from ..config import ConfigError, load_config
 
     if weights.config is None and recipe is None:
         raise ConfigError(f"'{weights.path}' carries no config (no config.yaml beside it): give --config with the "
                           "recipe of the run that trained it (its model and data sections)")
-    return load_config(recipe, overrides, base=weights.config)
+    if name is None:
+        return load_config(recipe, overrides, base=weights.config)
+    base = {k: v for k, v in (weights.config or {}).items() if k not in ("train", "checkpoint")}
+    base["checkpoint"] = {"dir": ""}
+    cfg = load_config(recipe, overrides, base=base)
+    if not cfg.checkpoint.dir:
+        cfg.checkpoint.dir = os.path.join(out_dir(cfg, getattr(cfg, name), name, random_init), "checkpoints")
+    return cfg
 
 
 def start(cfg):
@@ -55,13 +66,9 @@ def start(cfg):
 
 
 def norm_layer(cfg, rt):
-    """Global BN over the ranks (or groups) when the config asks for it, as in pretraining; None otherwise."""
-    size = cfg.distributed.bn_group_size or rt.world_size
-    if not cfg.distributed.global_bn or size == 1:
-        return None
-    from ..distributed import global_bn_layer
+    from ..engine import norm_layer
 
-    return global_bn_layer(size)
+    return norm_layer(cfg, rt.world_size)
 
 
 def _load(module: torch.nn.Module, state: dict, what: str, where: str) -> None:
@@ -118,25 +125,6 @@ def out_dir(cfg, task, name: str, random_init: bool = False) -> str:
     return task.dir or os.path.join(cfg.logging.dir, name + ("-random-init" if random_init else ""))
 
 
-def test_loader(cfg, rt, batch_size: int = 256):
-    """The held-out split, centre crops, this rank's shard (every image: the figure is the whole split's)."""
-    from ..config import autocast_dtype
-    from ..data import build_eval_loader
-
-    return build_eval_loader(cfg.data, "test", batch_size=batch_size, device=rt.device,
-                             dtype=autocast_dtype(cfg) or torch.float32, channels_last=cfg.precision.channels_last,
-                             shard_id=rt.rank, num_shards=rt.world_size)
-
-
-def train_loader(cfg, task, rt, plan, source):
-    from ..config import autocast_dtype
-    from ..data.labelled import build_labelled_loader
-
-    return build_labelled_loader(cfg.data, source, crop_area=task.crop_area, batch_size=plan.micro_batch,
-                                 shard_id=rt.rank, num_shards=rt.world_size, device=rt.device,
-                                 dtype=autocast_dtype(cfg) or torch.float32, channels_last=cfg.precision.channels_last)
-
-
 def to_device(model: torch.nn.Module, cfg, device) -> torch.nn.Module:
     fmt = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
     return model.to(device, memory_format=fmt)
@@ -166,19 +154,68 @@ def run_main(body, argv) -> int:
             teardown()
 
 
-def supervise(cfg, task, name: str, rt, model, source, loss_fn, out: str) -> tuple[object, dict]:
-    """Train ``model`` on ``source`` with the task section ``task`` and score it on the held-out split:
-    (the run, whose ``model`` is the trained network, and its figures)."""
-    from ..classify import SupervisedRun, task_plan
+def supervise(cfg, name: str, rt, model, source, loss_fn, out: str) -> tuple[object, dict]:
+    """Train ``model`` on ``source`` as stage ``name`` (its section's batch and length) on the trainer every stage
+    shares, and score it on the held-out split: (the trainer, whose ``model`` is the trained network, and its
+    figures, with ``stop_reason``)."""
+    from ..config import validate_run
+    from ..stages.supervised import Supervised
+    from ..trainer import Trainer
 
-    plan = task_plan(task, name, rt.world_size)
-    run = SupervisedRun(cfg, task, name, rt, plan, model, train_loader(cfg, task, rt, plan, source),
-                        test_loader(cfg, rt), loss_fn, out)
-    log.info(f"{name}: {cfg.model.arch} x{cfg.model.width_mult:g}, {run.loader.num_samples} training images, "
-             f"{rt.world_size} rank(s) on {rt.device.type}, global batch {plan.global_batch} = {plan.micro_batch} x "
-             f"{plan.accumulation} x {plan.world_size}, {run.schedule.total_steps} steps "
-             f"({run.steps_per_epoch}/epoch), {task.optimizer} peak LR {run.schedule.peak_lr:.3g}; output in {out}")
-    return run, run.run()
+    plan = validate_run(cfg, rt.world_size, rt.cuda, local_files=False, section=name)
+    trainer = Trainer(cfg, rt, plan, Supervised(cfg, name, model, source, loss_fn, out))
+    try:
+        return trainer, trainer.train()
+    finally:
+        trainer.close()
+
+
+def classification_loss(engine, images, labels):
+    """Cross-entropy of the network's logits on the labelled samples (linear evaluation, fine-tuning)."""
+    from ..stages.supervised import cross_entropy
+
+    return cross_entropy(engine(images), labels)
+
+
+def relate_to_quick_probe(weights, cfg, results: dict) -> None:
+    """Say how this protocol's top-1 relates to the pretraining run's own quick probe, whose figure is read from
+    that run's metrics where they are beside the checkpoint's config (``logging.dir``)."""
+    import json
+
+    path = os.path.join((weights.config or {}).get("logging", {}).get("dir", ""), "metrics.jsonl")
+    quick = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if '"probe_top1"' in line]
+        quick = rows[-1]["probe_top1"] if rows else None
+    figure = f"{quick:.1f}%" if quick is not None else "in its RESULT line"
+    log.info(f"How this relates to the pretraining run's quick probe ({figure}): that probe fits a linear classifier "
+             "to features extracted once from centre crops (eval.probe_epochs on fixed features, every image); this "
+             f"figure ({results['top1']:.1f}%) trains through the network on random-resized crops and flips for the "
+             "stage's epochs, the published protocol. They differ by design; compare figures of one protocol.")
+
+
+def stopped(results: dict) -> bool:
+    """Preempted (SIGUSR1/SIGTERM): the checkpoint is written, the stage's outputs are not (the next start ends it)."""
+    return results.get("stop_reason") == "signal"
+
+
+def exit_status(results: dict, is_main: bool | None = None) -> int:
+    """A stage's exit status: after a stop on a signal (checkpoint complete on every rank) rank 0 (``is_main``; by
+    default the process group's rank, else RANK) asks Slurm to requeue the job (a no-op outside Slurm) and every rank
+    exits with PREEMPTED_EXIT_CODE (3); otherwise 0."""
+    from ..preemption import PREEMPTED_EXIT_CODE
+
+    if results.get("stop_reason") != "signal":
+        return 0
+    if is_main is None:
+        dist = torch.distributed
+        is_main = (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
+    if is_main:
+        from ..slurm.launch import requeue
+
+        requeue()
+    return PREEMPTED_EXIT_CODE
 
 
 def write_result(out: str, results: dict) -> str:

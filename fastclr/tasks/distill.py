@@ -59,15 +59,16 @@ def labelled(train, cfg, teacher_meta: dict) -> np.ndarray:
 
 
 def run_distill(teacher_path: str, recipe: str | None = None, overrides: list[str] = ()) -> dict:
-    from ..classify import cross_entropy, evaluate
     from ..config import autocast_dtype, to_dict
     from ..data import build_source
     from ..data.labelled import with_labels
     from ..losses import distill_loss
-    from ..weights import load_weights, save_classifier
+    from ..stages.supervised import cross_entropy, evaluate, held_out_loader
+    from ..export import save_classifier
+    from ..weights import load_weights
 
     weights = load_weights(teacher_path)
-    cfg = common.task_config(weights, recipe, list(overrides))
+    cfg = common.task_config(weights, recipe, list(overrides), "distill")
     if weights.kind != "classifier":
         raise ValueError(f"'{weights.path}' is a {weights.kind}: distill needs the fine-tuned teacher (the "
                          "classifier.pt of fastclr finetune)")
@@ -79,7 +80,7 @@ def run_distill(teacher_path: str, recipe: str | None = None, overrides: list[st
     classes = teacher.num_classes
     train = with_labels(train, labelled(train, cfg, weights.meta))
     student_cfg, student = student_network(cfg, teacher, classes, common.norm_layer(cfg, rt), cfg.seed)
-    teacher_figures = evaluate(teacher, common.test_loader(cfg, rt), rt.device, dtype)
+    teacher_figures = evaluate(teacher, held_out_loader(cfg, rt), rt.device, dtype)
     w, tau = task.label_weight, task.temperature
 
     def loss_fn(engine, x, y):
@@ -89,9 +90,10 @@ def run_distill(teacher_path: str, recipe: str | None = None, overrides: list[st
         loss = distill_loss(logits, soft, tau)
         return loss if w == 0 else (1 - w) * loss + w * cross_entropy(logits, y)
 
-    out = task.dir or os.path.join(cfg.logging.dir, "distill")
-    run, results = common.supervise(common.with_model(cfg, student_cfg), task, "distill", rt, student, train,
-                                    loss_fn, out)
+    out = common.out_dir(cfg, task, "distill")
+    run, results = common.supervise(common.with_model(cfg, student_cfg), "distill", rt, student, train, loss_fn, out)
+    if common.stopped(results):
+        return results
     results.update(teacher=weights.path, teacher_top1=teacher_figures["top1"], teacher_top5=teacher_figures["top5"],
                    student=f"{student_cfg.arch} x{student_cfg.width_mult:g}", label_weight=w, temperature=tau)
     if rt.is_main:
@@ -108,8 +110,7 @@ def run_distill(teacher_path: str, recipe: str | None = None, overrides: list[st
 def _main(argv) -> int:
     args = common.parser("distill", __doc__, "the teacher: classifier.pt of fastclr finetune",
                          training=False).parse_intermixed_args(argv)
-    run_distill(args.source, args.config, args.overrides)
-    return 0
+    return common.exit_status(run_distill(args.source, args.config, args.overrides))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ log = logging.getLogger("fastclr")
 def evaluate_source(source: str, recipe: str | None = None, overrides: list[str] = ()) -> dict:
     """kNN (+ probe, + random-init baseline) figures of ``source`` on its config's held-out split; collective."""
     from ..eval import evaluate_run
-    from ..report import result_line
+    from ..summary import result_line
     from ..weights import load_weights
 
     weights = load_weights(source)

@@ -7,7 +7,7 @@ fine-tuned network's kept head layers) — as a plain ``state_dict`` (``backbone
 
 Keys are torchvision's ResNet names without ``fc`` (a width-1, standard-stem, SK-free backbone loads into
 ``torchvision.models.resnet50()`` with ``strict=False``); SK and ResNet-D keys are listed in
-``fastclr/models/export.py``. ``config.yaml`` is written beside them, so ``fastclr eval`` / ``linear`` /
+``fastclr/export.py``. ``config.yaml`` is written beside them, so ``fastclr eval`` / ``linear`` /
 ``finetune`` take the export as a SOURCE. Nothing here unpickles: the checkpoint is read with weights_only=True.
 """
 from __future__ import annotations
@@ -26,7 +26,8 @@ def default_out(weights) -> str:
 
 
 def _main(argv) -> int:
-    from ..weights import export, load_weights
+    from ..export import export
+    from ..weights import load_weights
 
     p = common.parser("export", __doc__, "checkpoint folder, checkpoint.dir, backbone.pt or classifier.pt",
                       training=False)

@@ -35,15 +35,15 @@ def label_subset(source, labels: str, seed: int):
 
 
 def run_finetune(source: str, recipe: str | None = None, overrides: list[str] = (), random_init: bool = False) -> dict:
-    from ..classify import cross_entropy
     from ..config import to_dict
     from ..data import build_source
     from ..data.subsets import write_subset
     from ..models.classifier import classifier_from
-    from ..weights import load_weights, save_classifier
+    from ..export import save_classifier
+    from ..weights import load_weights
 
     weights = load_weights(source)
-    cfg = common.task_config(weights, recipe, list(overrides))
+    cfg = common.task_config(weights, recipe, list(overrides), "finetune", random_init)
     task = cfg.finetune
     if task.from_head_layer > cfg.model.proj_layers:
         from ..config import ConfigError
@@ -62,8 +62,10 @@ def run_finetune(source: str, recipe: str | None = None, overrides: list[str] = 
     encoder = common.pretrained_model(weights, cfg, common.norm_layer(cfg, rt), need_head=task.from_head_layer > 0,
                                       random_init=random_init)
     model = classifier_from(encoder, classes, task.from_head_layer, zero_init=task.zero_init_classifier, seed=cfg.seed)
-    run, results = common.supervise(cfg, task, "finetune", rt, model, train.subset(chosen),
-                                    lambda engine, x, y: cross_entropy(engine(x), y), out)
+    run, results = common.supervise(cfg, "finetune", rt, model, train.subset(chosen), common.classification_loss,
+                                    out)
+    if common.stopped(results):
+        return results
     results.update(source=weights.path, random_init=random_init, labels=task.labels, labelled_images=len(chosen),
                    from_head_layer=task.from_head_layer)
     if rt.is_main:
@@ -74,6 +76,7 @@ def run_finetune(source: str, recipe: str | None = None, overrides: list[str] = 
     what = "random init" if random_init else weights.path
     log.info(f"RESULT finetune top-1 {results['top1']:.1f}% top-5 {results['top5']:.1f}% ({len(chosen)} labels = "
              f"{task.labels}, from head layer {task.from_head_layer}, {what}); network in {out}/classifier.pt")
+    common.relate_to_quick_probe(weights, cfg, results)
     return results
 
 
@@ -88,8 +91,7 @@ def _main(argv) -> int:
         overrides.append(f"finetune.labels={args.labels}")
     if args.from_head_layer is not None:
         overrides.append(f"finetune.from_head_layer={args.from_head_layer}")
-    run_finetune(args.source, args.config, overrides, random_init=args.random_init)
-    return 0
+    return common.exit_status(run_finetune(args.source, args.config, overrides, random_init=args.random_init))
 
 
 def main(argv: list[str] | None = None) -> int:

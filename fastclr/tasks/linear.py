@@ -24,13 +24,12 @@ log = logging.getLogger("fastclr")
 
 
 def run_linear(source: str, recipe: str | None = None, overrides: list[str] = (), random_init: bool = False) -> dict:
-    from ..classify import cross_entropy
     from ..data import build_source
     from ..models.classifier import classifier_from
     from ..weights import load_weights
 
     weights = load_weights(source)
-    cfg = common.task_config(weights, recipe, list(overrides))
+    cfg = common.task_config(weights, recipe, list(overrides), "linear", random_init)
     rt = common.start(cfg)
     train = build_source(cfg.data, "train")
     classes = common.num_classes(train)
@@ -38,21 +37,22 @@ def run_linear(source: str, recipe: str | None = None, overrides: list[str] = ()
     encoder = common.pretrained_model(weights, cfg, random_init=random_init)
     model = classifier_from(encoder, classes, 0, frozen=True, seed=cfg.seed)
     out = common.out_dir(cfg, cfg.linear, "linear", random_init)
-    _, results = common.supervise(cfg, cfg.linear, "linear", rt, model, train,
-                                  lambda engine, x, y: cross_entropy(engine(x), y), out)
+    _, results = common.supervise(cfg, "linear", rt, model, train, common.classification_loss, out)
+    if common.stopped(results):
+        return results
     results.update(source=weights.path, random_init=random_init, epochs=cfg.linear.epochs)
     if rt.is_main:
         common.write_result(out, results)
     what = "random-init encoder" if random_init else weights.path
     log.info(f"RESULT linear top-1 {results['top1']:.1f}% top-5 {results['top5']:.1f}% ({what}, "
              f"{results['test_images']} test images)")
+    common.relate_to_quick_probe(weights, cfg, results)
     return results
 
 
 def _main(argv) -> int:
     args = common.parser("linear", __doc__, "checkpoint folder, checkpoint.dir or backbone.pt/.safetensors").parse_intermixed_args(argv)
-    run_linear(args.source, args.config, args.overrides, random_init=args.random_init)
-    return 0
+    return common.exit_status(run_linear(args.source, args.config, args.overrides, random_init=args.random_init))
 
 
 def main(argv: list[str] | None = None) -> int:

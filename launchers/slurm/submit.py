@@ -1,9 +1,16 @@
-"""Submit fastclr pretraining to Slurm after checking the recipe against the world it will run on.
+"""Submit a fastclr stage to Slurm — pretraining, or linear / finetune / distill from a SOURCE — after checking its
+config against the world it will run on; ``--after JOBID`` chains it after another job.
 
     python launchers/slurm/submit.py --recipe launchers/configs/imagenet_resnet50_bs4096.yaml \
         --nodes 8 --gpus-per-node 8 --time 24:00:00 [--partition P] [--account A] [--dry-run] [key=value ...]
     python launchers/slurm/submit.py --recipe default --nodes 2 --gpus-per-node 1 --cpu --cpus-per-task 1 \
         --time 10:00                                 # CPU nodes (gloo), e.g. launchers/slurm/local_cluster.sh's
+    python launchers/slurm/submit.py --task finetune --source runs/in1k/checkpoints --after 123 \
+        --recipe finetune_imagenet_10pct --nodes 2 --gpus-per-node 8   # starts once job 123 has ended well
+
+SimCLR v2 as three chained jobs: pretrain (job A), ``--task finetune --source <A's checkpoint.dir> --after A``
+(job B), ``--task distill --source <B's output>/classifier.pt --after B``. A stage's SOURCE may not exist yet
+when it is submitted after another job: its config is then checked when the job starts.
 
 Loads the recipe with the overrides, checks that the global batch divides into nodes × GPUs ranks (the same checks
 the trainer runs before any compute), prints the batch arithmetic and the peak LR, and runs `sbatch
@@ -27,7 +34,16 @@ def parse_args(argv=None):
     from fastclr.slurm import DEFAULT_MODE, MODES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", required=True, help="YAML recipe, e.g. launchers/configs/imagenet_resnet50_bs4096.yaml")
+    p.add_argument("--task", choices=("pretrain", "linear", "finetune", "distill"), default="pretrain",
+                   help="what the job runs (default: %(default)s)")
+    p.add_argument("--source", default=None,
+                   help="linear/finetune: the pretraining checkpoint (folder or checkpoint.dir); distill: the "
+                        "teacher's classifier.pt")
+    p.add_argument("--after", default=None, metavar="JOBID",
+                   help="start only once job JOBID has completed successfully (sbatch --dependency=afterok:JOBID)")
+    p.add_argument("--recipe", default=None,
+                   help="YAML recipe, e.g. launchers/configs/imagenet_resnet50_bs4096.yaml (required for pretraining; "
+                        "a stage's default is its source's own config)")
     p.add_argument("--nodes", type=int, required=True, help="number of nodes")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (= ranks) per node (default: %(default)s)")
     p.add_argument("--cpu", action="store_true",
@@ -49,6 +65,12 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="check and print the sbatch command; submit nothing")
     p.add_argument("overrides", nargs="*", help="section.field=value, applied after the recipe")
     a = p.parse_intermixed_args(argv)
+    if a.task == "pretrain" and not a.recipe:
+        p.error("--recipe is required for pretraining")
+    if a.task != "pretrain" and not a.source:
+        p.error(f"--task {a.task} needs --source (the checkpoint or classifier.pt it starts from)")
+    if a.after is not None and not a.after.isdigit():
+        p.error(f"--after takes a job id (digits), got {a.after!r}")
     for name in ("nodes", "gpus_per_node"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -61,7 +83,8 @@ def sbatch_command(a, recipe: str, cpus_per_rank: int, log_dir: str) -> list[str
     """Options for the mode's task layout (G tasks per node, or 1 task holding the node's CPUs), then the script and
     the arguments it hands to `python -m fastclr.slurm plan`."""
     per_node, cpus = (a.gpus_per_node, cpus_per_rank) if a.mode == "rank" else (1, cpus_per_rank * a.gpus_per_node)
-    name = a.job_name or "fastclr-" + os.path.splitext(os.path.basename(recipe))[0]
+    what = os.path.splitext(os.path.basename(recipe))[0] if recipe else "source-config"
+    name = a.job_name or "fastclr-" + (what if a.task == "pretrain" else f"{a.task}-{what}")
     # A CPU partition has no GPU gres to give (sbatch refuses the batch script's default --gpus-per-node=8 there;
     # 0 is accepted): the ranks per node then travel as the batch script's own --gpus-per-node, which
     # `python -m fastclr.slurm plan` reads instead of SLURM_GPUS_*.
@@ -72,34 +95,65 @@ def sbatch_command(a, recipe: str, cpus_per_rank: int, log_dir: str) -> list[str
            f"--output={os.path.join(log_dir, 'slurm-%j.out')}", f"--chdir={ROOT}",
            f"--export=ALL,FASTCLR_ROOT={ROOT}"]
     cmd += [f"--{k.replace('_', '-')}={v}" for k in ("partition", "account", "qos") if (v := getattr(a, k))]
+    if a.after:
+        cmd.append(f"--dependency=afterok:{a.after}")
     cmd += a.sbatch_arg
-    return cmd + [SBATCH_SCRIPT, "--recipe", recipe, "--mode", a.mode, *plan, *a.overrides]
+    job = ["--recipe", recipe] if recipe else []
+    if a.task != "pretrain":
+        job += ["--task", a.task, "--source", a.source]
+    return cmd + [SBATCH_SCRIPT, *job, "--mode", a.mode, *plan, *a.overrides]
+
+
+def check(a, world: int):
+    """(recipe path or None, config, batch plan, batch section) of the job, checked as the ranks will check it; for a
+    stage whose source is not there yet (chained with --after), the overrides only, on the default config."""
+    from fastclr.config import load_config, recipe_path, validate_run
+
+    recipe = os.path.abspath(recipe_path(a.recipe)) if a.recipe else None
+    section = "train" if a.task == "pretrain" else a.task
+    if a.task == "pretrain":
+        cfg = load_config(recipe, a.overrides)
+    elif os.path.exists(a.source):
+        from fastclr.tasks.common import task_config
+        from fastclr.weights import load_weights
+
+        cfg = task_config(load_weights(a.source), recipe, a.overrides, a.task)
+    elif a.after:
+        print(f"note: --source '{a.source}' does not exist yet (job {a.after} writes it); its config is checked "
+              "when this job starts")
+        cfg = load_config(recipe, a.overrides)
+    else:
+        raise FileNotFoundError(f"--source '{a.source}' does not exist (chain the job with --after JOBID if another "
+                                "job writes it)")
+    # The data may be mounted on the compute nodes only: missing paths are warned about below, not refused.
+    plan = validate_run(cfg, world, cuda=None, local_files=False, section=section)  # the ranks check the device
+    return recipe, cfg, plan, section
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from fastclr.config import ConfigError, load_config, missing_paths, recipe_path, validate_run
+    from fastclr.config import ConfigError, missing_paths
     from fastclr.optim import peak_lr
 
     world = a.nodes * a.gpus_per_node
     try:
-        recipe = os.path.abspath(recipe_path(a.recipe))
-        cfg = load_config(recipe, a.overrides)
-        # The data may be mounted on the compute nodes only: missing paths are warned about below, not refused.
-        plan = validate_run(cfg, world, cuda=None, local_files=False)  # the ranks check the device
-    except ConfigError as e:
+        recipe, cfg, plan, section = check(a, world)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"submit.py: error: {e}", file=sys.stderr)
         return 2
-    lr = peak_lr(cfg.optim.base_lr, plan.global_batch, cfg.optim.lr_scaling)
-    rule = {"linear": f"{cfg.optim.base_lr:g} x {plan.global_batch}/256",
-            "sqrt": f"{cfg.optim.base_lr:g} x sqrt({plan.global_batch})", "none": "base LR as is"}[cfg.optim.lr_scaling]
+    lengths = cfg.optim if section == "train" else getattr(cfg, section)
+    lr = peak_lr(lengths.base_lr, plan.global_batch, lengths.lr_scaling)
+    rule = {"linear": f"{lengths.base_lr:g} x {plan.global_batch}/256",
+            "sqrt": f"{lengths.base_lr:g} x sqrt({plan.global_batch})", "none": "base LR as is"}[lengths.lr_scaling]
     cpus = a.cpus_per_task or cfg.data.num_threads + 2
-    log_dir = cfg.logging.dir if os.path.isabs(cfg.logging.dir) else os.path.join(ROOT, cfg.logging.dir)
+    log_dir = cfg.logging.dir if section == "train" else os.path.join(cfg.logging.dir, a.task)  # the stage's output
+    log_dir = log_dir if os.path.isabs(log_dir) else os.path.join(ROOT, log_dir)
     unit = "CPU rank(s)" if a.cpu else "GPU(s)"
+    print(f"task: {a.task}" + (f" from {a.source}" if a.source else "") + (f", after job {a.after}" if a.after else ""))
     print(f"world: {a.nodes} node(s) x {a.gpus_per_node} {unit} = {world} ranks, mode {a.mode}, {cpus} CPUs per rank")
     print(f"batch: global {plan.global_batch} = micro {plan.micro_batch} x accumulation {plan.accumulation} "
           f"x world {world}")
-    print(f"peak LR: {lr:.4g} ({cfg.optim.lr_scaling}: {rule}); set by the global batch, not by the node count")
+    print(f"peak LR: {lr:.4g} ({lengths.lr_scaling}: {rule}); set by the global batch, not by the node count")
     for field, path in missing_paths(cfg):
         print(f"warning: {field} '{path}' is not visible here; it must exist on the compute nodes")
     cmd = sbatch_command(a, recipe, cpus, log_dir)

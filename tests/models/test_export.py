@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastclr.models import ProjectionHead, SimCLRModel, backbone_state_dict, build_backbone, save_backbone
-from fastclr.models import export as export_module
+from fastclr import export as export_module
+from fastclr.export import backbone_state_dict, save_backbone
+from fastclr.models import ProjectionHead, SimCLRModel, build_backbone
 
 # torchvision.models.resnet50().state_dict() keys, in order, minus fc.weight / fc.bias. Per module: parameters, then
 # buffers; modules in registration order (conv1, bn1, conv2, bn2, conv3, bn3, downsample.0, downsample.1).
@@ -49,7 +50,7 @@ RESNET50_HEAD_KEYS = [
 RESNET50_TAIL_KEYS = ["layer4.2.bn3.weight", "layer4.2.bn3.bias", "layer4.2.bn3.running_mean",
                       "layer4.2.bn3.running_var", "layer4.2.bn3.num_batches_tracked"]
 
-# The SK backbone's stem and first block written out in full (key names documented in fastclr/models/export.py):
+# The SK backbone's stem and first block written out in full (key names documented in fastclr/export.py):
 # ResNet-D stem as timm's resnet50d, the 3x3's two paths under torchvision's conv2/bn2, the attention under sk.,
 # the pooled shortcut's conv and BN at downsample.1/.2.
 _BN_KEYS = lambda p: [f"{p}.{s}" for s in _BN]  # noqa: E731

@@ -1,20 +1,10 @@
 """``fastclr distill``: a student trained against the fine-tuned teacher on the unlabelled split, scored beside it."""
-import pytest
 import torch
 
 from fastclr.cli import main
 from fastclr.tasks.distill import run_distill
-from fastclr.tasks.finetune import run_finetune
 from fastclr.weights import load_weights
 from tests.tasks.conftest import task_args
-
-
-@pytest.fixture(scope="module")
-def teacher(pretrained, tmp_path_factory):
-    run, _ = pretrained
-    out = tmp_path_factory.mktemp("teacher")
-    run_finetune(str(run / "ckpt"), overrides=task_args(out, "finetune.epochs=6", "finetune.global_batch_size=32"))
-    return out / "finetune" / "classifier.pt"
 
 
 def test_self_distillation_and_a_smaller_student(teacher, tmp_path):
@@ -33,6 +23,24 @@ def test_self_distillation_and_a_smaller_student(teacher, tmp_path):
     assert student.meta["head_layers"] == 0 and student.config["model"]["width_mult"] == 0.0625
     assert student.state["backbone.conv1.weight"].shape[0] == 4 and small["top1"] >= 0
     assert not any(k.startswith("head.") for k in student.state)
+
+
+def test_a_pretrained_teacher_teaches_more_than_one_fine_tuned_from_random_init(pretrained, teacher, tmp_path):
+    """The chain's point: distilling the fine-tuned pretrained network beats the same distillation of a teacher
+    fine-tuned the same way from random init (labels only through the teacher: label_weight 0)."""
+    from fastclr.tasks.finetune import run_finetune
+
+    run, _ = pretrained
+    run_finetune(str(run / "ckpt"), overrides=task_args(tmp_path / "rt", "finetune.epochs=6",
+                                                        "finetune.global_batch_size=32"), random_init=True)
+    weak = tmp_path / "rt" / "finetune-random-init" / "classifier.pt"
+    fast = ["distill.epochs=6", "distill.warmup_epochs=0", "distill.global_batch_size=64"]  # 132 steps, ~7 s
+    good = run_distill(str(teacher), overrides=task_args(tmp_path / "good", *fast))
+    poor = run_distill(str(weak), overrides=task_args(tmp_path / "poor", *fast))
+    assert good["teacher_top1"] > poor["teacher_top1"] + 10, (good, poor)
+    # The student learns what its teacher knows (2-core AVX-512 EPYC: 32.8% from a 31.7% teacher; 6.1% from the
+    # random-init-fine-tuned one at 11.4%).
+    assert good["top1"] >= good["teacher_top1"] - 1 and good["top1"] > poor["top1"] + 10, (good, poor)
 
 
 def test_the_teacher_must_be_a_fine_tuned_network(pretrained, tmp_path, capsys):

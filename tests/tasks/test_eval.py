@@ -3,13 +3,14 @@ figures the pretraining run printed at its end."""
 import subprocess
 import sys
 
-from fastclr.report import result_line
+from fastclr.summary import result_line
 from fastclr.tasks.eval import evaluate_source
 from tests.helpers import ROOT, subprocess_env
 
 
 def test_backbone_checkpoint_and_export_give_the_runs_final_figures(pretrained, tmp_path):
-    from fastclr.weights import export, load_weights
+    from fastclr.export import export
+    from fastclr.weights import load_weights
 
     run, final = pretrained
     assert set(final) >= {"knn_top1", "probe_top1", "baseline_knn_top1", "baseline_probe_top1"}

@@ -36,6 +36,9 @@ def test_ten_percent_from_head_layer_1_and_0(pretrained, tmp_path):
                                            "head.mlp.1.running_mean", "head.mlp.1.running_var",
                                            "head.mlp.1.num_batches_tracked"}
     assert a.state["fc.weight"].shape[1] == 64 and b.state["fc.weight"].shape[1] == 64  # head hidden 64; backbone 64
+    random = run_finetune(str(run / "ckpt"), overrides=task_args(tmp_path / "random", *FAST, "finetune.labels=10%",
+                                                                 "finetune.from_head_layer=1"), random_init=True)
+    assert one["top1"] > random["top1"] + 10, (one["top1"], random["top1"])  # the same 140 labels, no pretraining
     # The whole network trained: the backbone moved away from the pretrained one.
     pre = load_weights(str(run / "ckpt")).backbone()
     assert not torch.equal(a.state["backbone.conv1.weight"], pre["conv1.weight"])

@@ -15,4 +15,6 @@ def test_linear_protocol_reports_top1_top5_for_checkpoint_and_random_init(pretra
     assert not got["random_init"] and base["random_init"]
     saved = json.loads((tmp_path / "linear" / "result.json").read_text())
     assert saved["top1"] == got["top1"] and (tmp_path / "linear-random-init" / "result.json").is_file()
-    assert got["top1"] > 100 / 10  # above chance on 10 classes
+    # What pretraining bought, under the same protocol: a stage that ignored the checkpoint (or trained the
+    # encoder, or read the wrong features) would not clear the random-init encoder by this much.
+    assert got["top1"] > base["top1"] + 10, (got["top1"], base["top1"])

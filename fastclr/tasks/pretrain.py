@@ -20,10 +20,10 @@ def run(cfg) -> tuple[dict, int]:
     """Check the config against the world, set the world up, train and evaluate: (results, exit status)."""
     import torch
 
-    from . import logs, runtime
-    from .config import validate_run
-    from .preemption import exit_code
-    from .trainer import Trainer
+    from .. import logs, runtime
+    from ..config import validate_run
+    from ..trainer import Trainer
+    from .common import exit_status
 
     runtime.check_gpu_usable()
     _, world_size, _ = runtime.world_from_env()
@@ -36,13 +36,13 @@ def run(cfg) -> tuple[dict, int]:
             results = trainer.train()
         finally:
             trainer.close()
-        return results, exit_code(results["stop_reason"], rt.is_main)
+        return results, exit_status(results, rt.is_main)
     finally:
         runtime.teardown()
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .config import DEFAULT_RECIPE, RECIPES_DIR, schema, shipped_recipes
+    from ..config import DEFAULT_RECIPE, RECIPES_DIR, schema, shipped_recipes
 
     sections = ", ".join(f.name for f in __import__("dataclasses").fields(schema.Config))
     p = argparse.ArgumentParser(
@@ -61,8 +61,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .config import ConfigError, describe, load_config
-    from .runtime import DeviceError, RunFailure
+    from ..config import ConfigError, describe, load_config
+    from ..runtime import DeviceError, RunFailure
 
     if args.fields:
         print("\n".join(describe()))
