@@ -78,89 +78,144 @@ def total_steps(*, budget_s: float, elapsed_s: float, step: int, steps_per_epoch
     return lo
 
 
-class Planner:
-    """The trainer's clock for the decision: ``mark(step)`` after every step; True at the decision step."""
+@dataclass(frozen=True)
+class Length:
+    """A time budget's decision, applied by the trainer (``Trainer.apply_length``) and kept in the run state: the run's
+    total steps, the cosine bent at ``bend_step`` with its progress there (0: not bent), a shortened warm-up (0: the
+    config's)."""
 
-    def __init__(self, budget_minutes: float, warmup_steps: int, max_total: int):
+    total: int
+    bend_step: int = 0
+    bend_progress: float = 0.0
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class RunCosts:
+    """What the run adds to its steps, from its config: evaluations and checkpoints at their cadences."""
+
+    steps_per_epoch: int
+    final_evaluations: int
+    monitor_every_epochs: int
+    checkpoint_every_epochs: int
+    checkpoint_every_steps: int
+
+
+class Planner:
+    """The length of a budgeted run. The trainer asks :meth:`due` after every step; at 'decide' it times one
+    evaluation and one checkpoint and calls :meth:`decide`, at 'replan' it calls :meth:`replan`; both return a
+    :class:`Length` (None: keep the length) and touch nothing of the trainer. ``agree(total)``: rank 0's ``total``
+    on every rank."""
+
+    def __init__(self, budget_minutes: float, warmup_steps: int, max_total: int, run: RunCosts,
+                 agree=lambda total: total):
         self.budget_s, self.at = budget_minutes * 60.0, decision_step(warmup_steps)
-        self.max_total = max_total  # train.epochs of the config: the longest run a budget may choose
+        self.max_total = max_total  # the configured epochs: the longest run a budget may choose
+        self.run, self.agree = run, agree
         self.t_start = self.t_skip = 0.0
         self.decided = None  # (step, training seconds, evaluation seconds so far) right after the decision
         self.final_eval_s = 0.0
         self.history: list[tuple[int, float]] = []  # (step, training seconds) at the decision and each re-plan
 
+    @classmethod
+    def of(cls, cfg, rt, stage, schedule, steps_per_epoch: int) -> "Planner | None":
+        """The planner of a run with ``train.time_budget_minutes`` (None without one); ``stage``'s evaluations."""
+        if not cfg.train.time_budget_minutes:
+            return None
+        run = RunCosts(steps_per_epoch, stage.final_evaluations, stage.monitor_every_epochs,
+                       cfg.checkpoint.every_epochs, cfg.checkpoint.every_steps)
+        return cls(cfg.train.time_budget_minutes, schedule.warmup_steps, schedule.total_steps, run,
+                   lambda total: agree(total, rt))
+
     def start(self, now: float) -> None:
         self.t_start = now
 
-    def replans(self, step: int, steps_per_epoch: int, total: int) -> bool:
-        """True at the epoch boundaries after this process's decision, until REPLAN_UNTIL of the run is done."""
-        return (self.decided is not None and step > self.decided[0] and step % steps_per_epoch == 0
-                and step < REPLAN_UNTIL * total)
-
-    def mark(self, step: int, now: float) -> bool:
+    def due(self, step: int, now: float, length_chosen: bool, total: int) -> str | None:
+        """'decide' at the decision step of a run whose length is not chosen yet; 'replan' at the epoch boundaries
+        after this process's decision, until REPLAN_UNTIL of the run is done; else None."""
         if step == SKIP_STEPS:
             self.t_skip = now
-        return step == self.at
+        if not length_chosen:
+            return "decide" if step == self.at else None
+        if (self.decided is not None and step > self.decided[0] and step % self.run.steps_per_epoch == 0
+                and step < REPLAN_UNTIL * total):
+            return "replan"
+        return None
 
     def seconds_per_step(self, now: float) -> float:
         timed = self.at - SKIP_STEPS
         return (now - self.t_skip) / timed if timed > 0 else (now - self.t_start) / max(self.at, 1)
 
-
-def plan_length(trainer) -> None:
-    """After each step of a budgeted run: the decision at its step, then a re-plan at each epoch boundary."""
-    import time
-
-    planner, step = trainer.planner, trainer.state.step
-    if not trainer.state.total_steps and planner.mark(step, time.monotonic()):
-        fit_budget(trainer)
-    elif planner.replans(step, trainer.steps_per_epoch, trainer.total_steps):
-        replan(trainer)
-
-
-def fit_budget(trainer) -> None:
-    """At the decision step: time one evaluation (also a point of the accuracy curve) and one checkpoint, then set
-    the trainer's length (``Trainer.set_length``) and save the chosen epochs in config.yaml."""
-    import logging
-    import time
-
-    cfg, planner, now = trainer.cfg, trainer.planner, time.monotonic()
-    s_per_step = planner.seconds_per_step(now)
-    trainer.evaluate("budget")
-    t1 = time.monotonic()
-    trainer.save(force=True)
-    t2 = time.monotonic()
-    total = total_steps(
-        budget_s=planner.budget_s, elapsed_s=t2 - planner.t_start + (t2 - t1), step=trainer.state.step,
-        steps_per_epoch=trainer.steps_per_epoch, costs=Costs(s_per_step, t1 - now, t2 - t1),
-        final_evaluations=trainer.stage.final_evaluations, monitor_every_epochs=trainer.stage.monitor_every_epochs,
-        checkpoint_every_epochs=cfg.checkpoint.every_epochs, checkpoint_every_steps=cfg.checkpoint.every_steps)
-    budget = cfg.train.time_budget_minutes
-    _set_unbent_length(trainer, min(agree(total, trainer.rt), planner.max_total), trainer.state.step)
-    trainer.save(force=True)  # the same step again, now with the chosen length: a restart keeps it
-    planner.final_eval_s = t1 - now
-    planner.decided = (trainer.state.step, _training_s(trainer), trainer.eval_s)
-    planner.history = [planner.decided[:2]]
-    logging.getLogger(__name__).info(
-        f"time budget {budget:g} min: {s_per_step * 1e3:.0f} ms/step, evaluation {t1 - now:.1f} s, checkpoint "
-        f"{t2 - t1:.1f} s -> {total} steps = {trainer.total_steps / trainer.steps_per_epoch:.2f} epochs")
-    _save_config(trainer, budget)
-
-
-def _set_unbent_length(trainer, total: int, step: int) -> None:
-    """The length ``total`` chosen at ``step`` before the cosine began, with the warm-up fitted to it."""
-    warmup = trainer.schedule.warmup_steps
-    total, short = fit_warmup(total, warmup, step)
-    if short != warmup:
+    def decide(self, step: int, now: float, evaluation_s: float, checkpoint_s: float, warmup_steps: int) -> Length:
+        """At the decision step (``now``: before the timed evaluation and checkpoint, which took ``evaluation_s``
+        and ``checkpoint_s``): the length that fits the budget, its warm-up fitted to it."""
         import logging
-        logging.getLogger(__name__).warning(
-            f"time budget: the warm-up of {warmup} steps (optim.warmup_epochs) does not fit; shortened to {short} "
-            f"steps, {WARMUP_MAX_FRACTION:.0%} of the run")
-    trainer.set_length(total, warmup_steps=short if short != warmup else 0)
 
+        r, s_per_step = self.run, self.seconds_per_step(now)
+        after = now + evaluation_s + checkpoint_s
+        total = total_steps(
+            budget_s=self.budget_s, elapsed_s=after - self.t_start + checkpoint_s, step=step,
+            steps_per_epoch=r.steps_per_epoch, costs=Costs(s_per_step, evaluation_s, checkpoint_s),
+            final_evaluations=r.final_evaluations, monitor_every_epochs=r.monitor_every_epochs,
+            checkpoint_every_epochs=r.checkpoint_every_epochs, checkpoint_every_steps=r.checkpoint_every_steps)
+        length = self._unbent(min(self.agree(total), self.max_total), warmup_steps, step)
+        self.final_eval_s = evaluation_s
+        logging.getLogger(__name__).info(
+            f"time budget {self.budget_s / 60:g} min: {s_per_step * 1e3:.0f} ms/step, evaluation {evaluation_s:.1f} s, "
+            f"checkpoint {checkpoint_s:.1f} s -> {total} steps = {length.total / r.steps_per_epoch:.2f} epochs")
+        return length
 
-def _save_config(trainer, budget_minutes: float) -> None:
-    trainer.save_config(f"The resolved config of this run, its length chosen for a {budget_minutes:g}-min budget")
+    def decided_at(self, step: int, training_s: float, eval_s: float) -> None:
+        """The decision is applied and saved: this start's seconds outside and inside evaluations so far, from
+        which re-plans measure the speed."""
+        self.decided = (step, training_s, eval_s)
+        self.history = [self.decided[:2]]
+
+    def _unbent(self, total: int, warmup: int, step: int) -> Length:
+        """The length ``total`` chosen at ``step`` before the cosine began, with the warm-up fitted to it."""
+        total, short = fit_warmup(total, warmup, step)
+        if short != warmup:
+            import logging
+            logging.getLogger(__name__).warning(
+                f"time budget: the warm-up of {warmup} steps (optim.warmup_epochs) does not fit; shortened to {short} "
+                f"steps, {WARMUP_MAX_FRACTION:.0%} of the run")
+        return Length(total, warmup_steps=short if short != warmup else 0)
+
+    def replan(self, step: int, now: float, training_s: float, eval_s: float, total: int, warmup_steps: int,
+               progress: float) -> Length | None:
+        """At an epoch boundary after the decision: the length that fits the budget at the speed measured since the
+        decision; None if it is ``total`` still, else the rest of the cosine fitted into it from the next step on
+        (``progress``: the cosine's at ``step``)."""
+        import logging
+
+        r, (step0, train0, eval0) = self.run, self.decided
+        every = r.monitor_every_epochs
+        span = every * r.steps_per_epoch
+        monitors = 0 if not every else (step - 1) // span - step0 // span  # done since the decision
+        monitor_s = (eval_s - eval0) / monitors if monitors > 0 else self.final_eval_s
+        pending = monitor_s if every and step % span == 0 else 0.0  # this boundary's monitor runs right after
+        # The speed of the more recent half of the steps since the decision: current enough to follow a drift, long
+        # enough not to chase one slow epoch.
+        self.history.append((step, training_s))
+        mid = step - (step - step0) / 2
+        s_from, t_from = min(self.history, key=lambda h: abs(h[0] - mid))
+        if s_from >= step:
+            s_from, t_from = step0, train0
+        costs = Costs((training_s - t_from) / (step - s_from), self.final_eval_s, 0.0)
+        new = max(step + 1, total_steps(
+            budget_s=self.budget_s, elapsed_s=now - self.t_start + pending, step=step,
+            steps_per_epoch=r.steps_per_epoch, costs=costs, final_evaluations=r.final_evaluations,
+            monitor_every_epochs=every, checkpoint_every_epochs=0, checkpoint_every_steps=0,  # in the measured speed
+            monitor_s=monitor_s))
+        new = min(self.agree(new), self.max_total)
+        if new == total:
+            return None
+        level = logging.INFO if abs(new - total) >= 0.01 * total else logging.DEBUG
+        logging.getLogger(__name__).log(level, f"time budget: {costs.seconds_per_step * 1e3:.0f} ms/step recently -> "
+                                        f"{new} steps (was {total})")  # small drifts: not every epoch
+        if step < warmup_steps:  # still warming up: no cosine to bend yet, only lengths to fit
+            return self._unbent(new, warmup_steps, step)
+        return Length(new, step, progress)
 
 
 def agree(total: int, rt) -> int:
@@ -173,50 +228,3 @@ def agree(total: int, rt) -> int:
     t = torch.tensor([total], dtype=torch.int64, device=rt.device)
     dist.broadcast(t, src=0)
     return int(t.item())  # host read: once per decision
-
-
-def _training_s(trainer) -> float:
-    """Seconds of this start that were not evaluations (steps, data, checkpoints)."""
-    import time
-
-    return time.monotonic() - trainer.t_start - trainer.eval_s
-
-
-def replan(trainer) -> None:
-    """At an epoch boundary after the decision: the length that fits the budget at the speed measured since the
-    decision; if it differs, the rest of the cosine is fitted into it from the next step on."""
-    import logging
-    import time
-
-    planner, step = trainer.planner, trainer.state.step
-    step0, train0, eval0 = planner.decided
-    every = trainer.stage.monitor_every_epochs
-    span = every * trainer.steps_per_epoch
-    monitors = 0 if not every else (step - 1) // span - step0 // span  # done since the decision
-    monitor_s = (trainer.eval_s - eval0) / monitors if monitors > 0 else planner.final_eval_s
-    pending = monitor_s if every and step % span == 0 else 0.0  # this boundary's monitor runs right after
-    # The speed of the more recent half of the steps since the decision: current enough to follow a drift, long
-    # enough not to chase one slow epoch.
-    now_s = _training_s(trainer)
-    planner.history.append((step, now_s))
-    mid = step - (step - step0) / 2
-    s_from, t_from = min(planner.history, key=lambda h: abs(h[0] - mid))
-    if s_from >= step:
-        s_from, t_from = step0, train0
-    costs = Costs((now_s - t_from) / (step - s_from), planner.final_eval_s, 0.0)
-    total = max(step + 1, total_steps(
-        budget_s=planner.budget_s, elapsed_s=time.monotonic() - planner.t_start + pending, step=step,
-        steps_per_epoch=trainer.steps_per_epoch, costs=costs, final_evaluations=trainer.stage.final_evaluations,
-        monitor_every_epochs=every, checkpoint_every_epochs=0, checkpoint_every_steps=0,  # in the measured speed
-        monitor_s=monitor_s))
-    total = min(agree(total, trainer.rt), planner.max_total)
-    if total == trainer.total_steps:
-        return
-    level = logging.INFO if abs(total - trainer.total_steps) >= 0.01 * trainer.total_steps else logging.DEBUG
-    logging.getLogger(__name__).log(level, f"time budget: {costs.seconds_per_step * 1e3:.0f} ms/step recently -> "
-                                    f"{total} steps (was {trainer.total_steps})")  # small drifts: not every epoch
-    if step < trainer.schedule.warmup_steps:  # still warming up: no cosine to bend yet, only lengths to fit
-        _set_unbent_length(trainer, total, step)
-    else:
-        trainer.set_length(total, step, trainer.schedule.progress(step))
-    _save_config(trainer, planner.budget_s / 60)

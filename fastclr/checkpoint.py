@@ -71,6 +71,11 @@ class RunState:
     warmup_steps: int = 0
     """Warm-up steps when a time budget too short for the config's warm-up shortened it (0: the config's)."""
 
+    def chose(self, length, warmup_steps: int) -> None:
+        """A time budget's length (:class:`fastclr.budget.Length`) and the warm-up it runs with."""
+        self.total_steps, self.bend_step, self.bend_progress = length.total, length.bend_step, length.bend_progress
+        self.warmup_steps = warmup_steps
+
     def to_client(self, cfg: Config, world_size: int, steps_per_epoch: int) -> dict:
         """The client state saved with the engine (and, as JSON, in the COMPLETE marker)."""
         return {**asdict(self), "epoch": self.step // steps_per_epoch, "config": to_dict(cfg), "world_size": world_size}

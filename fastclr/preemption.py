@@ -18,7 +18,6 @@ import math
 import signal
 import threading
 import time
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -109,50 +108,43 @@ class StopSignals:
 
 
 class StopPolicy:
-    """``reason(step)``: None to go on, else 'stop_at_step', 'signal' or 'deadline' — the same on every rank. When
-    ``every_minutes`` have passed since the last :meth:`checkpointed` on any rank, ``reason`` first calls ``save``
-    (every rank together: the flags are all-reduced), so a crash loses at most that much work.
+    """``vote(step)``: the reason to stop — None to go on, else 'stop_at_step', 'signal' or 'deadline' — the same on
+    every rank; it only votes. The same all-reduce carries one more flag for the caller (the checkpoint cadence's
+    minutes), so that every rank agrees on it without a second collective.
 
     The flags travel on a CPU (gloo) group even when the data path is NCCL, so the agreement costs no device sync.
     """
 
-    def __init__(self, *, max_minutes: float, stop_at_step: int, world_size: int, cuda: bool,
-                 every_minutes: float = 0.0, save: Callable[[], None] | None = None):
+    def __init__(self, *, max_minutes: float, stop_at_step: int, world_size: int, cuda: bool):
         self.signals = StopSignals()
         self.max_minutes, self.stop_at_step, self.world_size = max_minutes, stop_at_step, world_size
-        self.every_s, self._save = every_minutes * 60, save
         self.deadline = math.inf
-        self._saved_at = time.monotonic()
         self._group = (dist.new_group(backend="gloo", timeout=runtime.collective_timeout())
                        if world_size > 1 and cuda else None)
 
     @classmethod
-    def of(cls, cfg, rt, save: Callable[[], None]) -> "StopPolicy":
-        """The policy of a run: ``cfg.train``'s limits, ``cfg.checkpoint.every_minutes``, ``rt``'s world."""
+    def of(cls, cfg, rt) -> "StopPolicy":
+        """The policy of a run: ``cfg.train``'s limits, ``rt``'s world."""
         return cls(max_minutes=cfg.train.max_minutes, stop_at_step=cfg.train.stop_at_step, world_size=rt.world_size,
-                   cuda=rt.cuda, every_minutes=cfg.checkpoint.every_minutes, save=save)
+                   cuda=rt.cuda)
 
     def start_clock(self) -> None:
         self.deadline = time.monotonic() + self.max_minutes * 60 if self.max_minutes else math.inf
-        self._saved_at = time.monotonic()
-
-    def checkpointed(self) -> None:
-        """A checkpoint was just written (at any cadence): the ``every_minutes`` clock starts again."""
-        self._saved_at = time.monotonic()
 
     def reason(self, step: int) -> str | None:
+        return self.vote(step)[0]
+
+    def vote(self, step: int, flag: bool = False) -> tuple[str | None, bool]:
+        """(reason to stop, ``flag`` on any rank)."""
         if step == self.stop_at_step:
-            return "stop_at_step"
+            return "stop_at_step", False
         now = time.monotonic()
-        flags = torch.tensor([float(self.signals.received is not None), float(now > self.deadline),
-                              float(self.every_s > 0 and now - self._saved_at >= self.every_s)])
+        flags = torch.tensor([float(self.signals.received is not None), float(now > self.deadline), float(flag)])
         if self.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
         if flags[0]:
             self.signals.received = self.signals.received or "peer"
-            return "signal"
+            return "signal", bool(flags[2])
         if flags[1]:
-            return "deadline"
-        if flags[2] and self._save is not None:
-            self._save()  # a periodic save: skipped in a non-finite streak, and then due again at the next step
-        return None
+            return "deadline", bool(flags[2])
+        return None, bool(flags[2])

@@ -1,16 +1,11 @@
-"""The step engine and loop of every stage — pretraining, linear evaluation, fine-tuning, distillation — on DeepSpeed.
-
-A stage (:mod:`fastclr.stages`) brings its data, network, optimizer kind and objective; everything else is here and
-the same for all. One step (``train_step``): for each accumulation micro-batch the objective's forward and loss, then
-backward, whose last one all-reduces the gradients as they come; then the optimizer (LARS or Nesterov SGD, the LR a
-pure function of the step), which skips a non-finite step on the device. No host sync anywhere in it
-(tests/test_host_syncs.py). Precision is autocast (bf16, or fp16 with loss scaling on GPU); parameters, BN statistics
-and optimizer state are fp32; activations are channels_last from the data pipeline on.
-
-The loop (``train``): resume → steps, with logging, checkpoints, monitor evaluations and the all-rank stop decision
-at their cadences → final checkpoint → the stage's evaluation and outputs. When to checkpoint is the
-:class:`fastclr.cadence.Cadence`'s decision; whether to stop, :class:`fastclr.preemption.StopPolicy`'s vote.
-"""
+"""The step engine and loop of every stage on DeepSpeed; a stage (:mod:`fastclr.stages`) brings its data, network,
+optimizer kind and objective. One step (``train_step``): per accumulation micro-batch the objective's forward and
+loss, then backward, whose last one all-reduces the gradients as they come; then the optimizer (LARS or Nesterov SGD,
+the LR a pure function of the step), which skips a non-finite step on the device. No host sync in it
+(tests/test_host_syncs.py). Autocast (bf16, or fp16 with loss scaling); fp32 parameters, BN statistics and optimizer
+state; channels_last activations. The loop (``train``): resume → steps, with logging, checkpoints (when:
+:class:`fastclr.cadence.Cadence`), monitors and the all-rank stop vote (:class:`fastclr.preemption.StopPolicy`) →
+final checkpoint → the stage's evaluation and outputs."""
 from __future__ import annotations
 
 import logging
@@ -21,7 +16,7 @@ import torch
 
 from . import checkpoint
 from .bad_images import BadSampleReport
-from .budget import Planner, plan_length
+from .budget import Length, Planner
 from .cadence import Cadence
 from .checkpoint import RunState
 from .config import BatchPlan, Config, autocast_dtype, check_dataset_fits, save_config
@@ -31,6 +26,7 @@ from .optim import SkippedSteps
 from .preemption import StopPolicy
 from .progress import LogWindow, Progress
 from .runtime import Runtime
+from .stages.pretrain import Pretraining
 from .timers import PhaseTimer
 
 log = logging.getLogger(__name__)
@@ -38,10 +34,7 @@ log = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, cfg: Config, rt: Runtime, plan: BatchPlan, stage=None):
-        if stage is None:
-            from .stages.pretrain import Pretraining
-
-            stage = Pretraining(cfg)
+        stage = stage or Pretraining(cfg)  # a stage of fastclr.stages; pretraining by default
         self.cfg, self.rt, self.plan, self.stage = cfg, rt, plan, stage
         self.out_dir = stage.out_dir
         self.batch_dtype = autocast_dtype(cfg) or torch.float32
@@ -54,7 +47,6 @@ class Trainer:
                                                                stage.optimizer(model, self.schedule.peak_lr))
         self.model = self.engine.module
         self.objective = stage.objective(self.engine, rt, autocast_dtype(cfg))  # the loss of a micro-batch
-
         self.state = RunState()
         self.skips = SkippedSteps(rt.device, cfg.train.max_nonfinite_steps, cfg.checkpoint.dir)
         self.timer = PhaseTimer(cfg.logging.timers, rt.device)
@@ -62,11 +54,10 @@ class Trainer:
         self.metrics = MetricsLogger(self.out_dir, enabled=rt.is_main, tensorboard=cfg.logging.tensorboard)
         self.progress = Progress(self.schedule.total_steps, enabled=rt.is_main and cfg.logging.progress)
         self.cadence = Cadence(cfg.checkpoint, self.steps_per_epoch)
-        self.stop = StopPolicy.of(cfg, rt, save=lambda: self.save(periodic=True))  # + checkpoint.every_minutes
+        self.stop = StopPolicy.of(cfg, rt)
         self.report_bad = BadSampleReport(self.loader.bad, self.out_dir, rt.rank)
         self._batches, self._saved_at = None, -1  # the epoch's iterator; step of the newest checkpoint written/read
-        budget = cfg.train.time_budget_minutes
-        self.planner = Planner(budget, self.schedule.warmup_steps, self.schedule.total_steps) if budget else None
+        self.planner = Planner.of(cfg, rt, stage, self.schedule, self.steps_per_epoch)  # None without a time budget
 
     step = property(lambda self: self.state.step, doc="Optimizer steps taken.")
     epoch = property(lambda self: self.state.step // self.steps_per_epoch, doc="Epochs completed.")
@@ -101,10 +92,8 @@ class Trainer:
                 self.grads.arm()  # its backward all-reduces each gradient bucket as soon as it is complete
             loss = self.objective(*batch, timer)  # forward and loss phases
             if last and timer.enabled and self.rt.world_size > 1:
-                # Timers only: a barrier before the last backward bills the ranks' lateness so far (imbalance,
-                # stragglers) to 'wait'. It sits here in both modes: after backward it would wait for the overlapped
-                # all-reduces themselves. 'comm' is then the time from the end of backward to averaged gradients —
-                # the whole all-reduce without overlap, what backward left exposed with it.
+                # Timers only: a barrier bills the ranks' lateness (imbalance, stragglers) to 'wait'; after backward it
+                # would wait for the overlapped all-reduces. 'comm': end of backward to averaged gradients.
                 with timer.phase("wait"):
                     torch.distributed.barrier()
             with timer.phase("backward"):
@@ -123,16 +112,15 @@ class Trainer:
     def train(self) -> dict:
         """Train to the end (or to a stop request), checkpoint, evaluate. The result has ``stop_reason``: None for a
         finished run, else 'signal' (preempted: checkpoint written, no evaluation), 'deadline' or 'stop_at_step'."""
-        rt = self.rt
         self.resume()
-        start_step, t_start = self.state.step, time.monotonic()
-        self.t_start, self.eval_s = t_start, 0.0
+        start_step, self.t_start, self.eval_s = self.state.step, time.monotonic(), 0.0
         self.save_config("The resolved config of this run")
-        if rt.is_main:
+        if self.rt.is_main:
             log.info(self.stage.describe(self))
         self.stop.start_clock()
+        self.cadence.start_clock()
         if self.planner is not None and self.state.total_steps == 0:
-            self.planner.start(t_start)
+            self.planner.start(self.t_start)
         self.progress.start(start_step)
         self.window.reset(start_step)
         reason = None
@@ -148,39 +136,59 @@ class Trainer:
                      "exiting for requeue")
             return {"stop_reason": reason}
         results = self.evaluate("final")
-        if rt.is_main:
-            self.stage.finish(self, results, time.monotonic() - t_start, self.state.step - start_step, reason)
+        if self.rt.is_main:
+            self.stage.finish(self, results, time.monotonic() - self.t_start, self.state.step - start_step, reason)
         self.metrics.close()
         return {"stop_reason": reason, "bad_samples": len(self.loader.bad.bad), **results}
 
     def after_step(self) -> str | None:
         """Log, checkpoint and evaluate where the step just taken calls for it; then the all-rank stop decision."""
-        step = self.state.step
+        step, postfix = self.state.step, None
         last = step >= self.total_steps
-        postfix = None
         if step % self.stage.log_every == 0 or last:
             postfix = self.log_train()
             self.report_bad()
         self.progress.update(1, postfix)
         if self.planner is not None:
-            plan_length(self)  # a time budget: decide the length in the warm-up, re-plan at epoch boundaries
-        if self.cadence.due(step, last):
+            self.plan_length()  # a time budget: decide the length in the warm-up, re-plan at epoch boundaries
+        reason, minutes_up = (None, False) if last else self.stop.vote(step, self.cadence.minutes_up())
+        if self.cadence.due(step, last, minutes_up):
             self.save(periodic=True)  # after a re-plan: the checkpoint carries the length the run goes on with
         if last:
             return None
         every = self.stage.monitor_every_epochs
         if every and step % self.steps_per_epoch == 0 and (step // self.steps_per_epoch) % every == 0:
             self.evaluate("monitor")
-        return self.stop.reason(step)
+        return reason
 
-    def set_length(self, total: int, bend_step: int = 0, bend_progress: float = 0.0, warmup_steps: int = 0) -> None:
-        """A time budget's length (``fastclr.budget``): the cosine bent at ``bend_step`` (Schedule.rescaled), a shorter
-        warm-up if > 0. Kept in the run state: a restart continues with the same schedule."""
-        s, w = self.schedule, warmup_steps or self.state.warmup_steps
-        self.schedule = type(s)(total, w or s.warmup_steps, s.peak_lr, s.final_lr, bend_step, bend_progress)
-        self.state.total_steps, self.state.bend_step, self.state.bend_progress = total, bend_step, bend_progress
-        self.state.warmup_steps, self.progress.total = w, total
-        self.stage.record_length(total / self.steps_per_epoch, self.schedule.warmup_steps / self.steps_per_epoch)
+    def plan_length(self) -> None:
+        """Ask the time budget's planner; apply and record the length it chooses (``fastclr.budget``)."""
+        p, step, now = self.planner, self.state.step, time.monotonic()
+        due, length = p.due(step, now, bool(self.state.total_steps), self.total_steps), None
+        if due == "decide":  # one evaluation and one checkpoint timed, then the length
+            self.evaluate("budget")
+            t1 = time.monotonic()
+            self.save(force=True)
+            length = p.decide(step, now, t1 - now, time.monotonic() - t1, self.schedule.warmup_steps)
+        elif due == "replan":
+            length = p.replan(step, now, now - self.t_start - self.eval_s, self.eval_s, self.total_steps,
+                              self.schedule.warmup_steps, self.schedule.progress(step))
+        if length is not None:
+            self.apply_length(length)
+            self.save_config(f"The resolved config of this run, its length chosen for a {p.budget_s / 60:g}-min budget")
+        if due == "decide":
+            self.save(force=True)  # the same step again, now with the chosen length: a restart keeps it
+            p.decided_at(step, time.monotonic() - self.t_start - self.eval_s, self.eval_s)
+
+    def apply_length(self, length) -> None:
+        """A time budget's :class:`fastclr.budget.Length`, kept in the run state: a restart continues with the same
+        schedule; the stage's config records it (config.yaml is then a recipe of this run)."""
+        s, w = self.schedule, length.warmup_steps or self.state.warmup_steps
+        self.schedule = type(s)(length.total, w or s.warmup_steps, s.peak_lr, s.final_lr, length.bend_step,
+                                length.bend_progress)
+        self.state.chose(length, w)
+        self.progress.total = length.total
+        self.stage.record_length(length.total / self.steps_per_epoch, self.schedule.warmup_steps / self.steps_per_epoch)
 
     def log_train(self) -> str:
         step, window_steps = self.state.step, self.state.step - self.window.first_step
@@ -191,9 +199,8 @@ class Trainer:
         extra = {"loss_scale": scaler.get_scale()} if scaler is not None else {}
         self.metrics.log("train", step, {"loss": loss, "lr": lr, "images_per_s": ips, **extra,
                                          "nonfinite_steps": self.state.nonfinite_steps,
-                                         "bad_samples": len(self.loader.bad.bad),
+                                         "bad_samples": len(self.loader.bad.bad), "epoch": step / self.steps_per_epoch,
                                          "images_per_s_per_device": ips / self.rt.world_size,
-                                         "epoch": step / self.steps_per_epoch,
                                          **self.timer.pop_ms_per_step(window_steps)})
         return f"loss {loss:.4f} lr {lr:.3g} {ips:.0f} img/s"
 
@@ -214,19 +221,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------------ #
     def save(self, periodic: bool = False, force: bool = False) -> None:
-        """A checkpoint of this step (once, unless ``force``). ``periodic``: not in the middle of a non-finite streak,
-        whose batches also went through BN's statistics; the previous checkpoint stays newest until a good step."""
+        """A checkpoint of this step (once, unless ``force``); ``periodic``: a cadence's, which the cadence may refuse."""
         if self._saved_at == self.state.step and not force:
             return
         self.state.nonfinite_steps, streak = self.skips.check(self.state.step)
-        if periodic and streak:
+        if not self.cadence.allows(periodic, streak):
             return
-        rank_state = {"loader": self.loader.state_dict(), "rng": checkpoint.rng_state()}
         checkpoint.save(self.engine, self.cfg.checkpoint.dir, self.state.step,
-                        self.state.to_client(self.cfg, self.rt.world_size, self.steps_per_epoch), rank_state,
-                        self.rt.rank, self.cfg.checkpoint.keep)
+                        self.state.to_client(self.cfg, self.rt.world_size, self.steps_per_epoch),
+                        {"loader": self.loader.state_dict(), "rng": checkpoint.rng_state()}, self.rt.rank,
+                        self.cfg.checkpoint.keep)
         self._saved_at = self.state.step
-        self.stop.checkpointed()
+        self.cadence.saved()
 
     def resume(self) -> bool:
         """Continue from ``checkpoint.resume``'s choice; False when there is nothing to resume."""
@@ -236,10 +242,9 @@ class Trainer:
         self.state, self._saved_at = state, state.step
         self.skips.reset(state.nonfinite_steps)
         if state.total_steps:  # a length chosen for a time budget: the same schedule as before the restart
-            self.set_length(state.total_steps, state.bend_step, state.bend_progress, state.warmup_steps)
+            self.apply_length(Length(state.total_steps, state.bend_step, state.bend_progress, state.warmup_steps))
         self.objective.resume(state.step, self.plan)
         return True
 
     def close(self) -> None:
         self.metrics.close()
-        self.stage.close()

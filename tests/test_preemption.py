@@ -132,22 +132,37 @@ def test_exit_code_requeues_from_rank_zero_only(tmp_path, monkeypatch):
     assert log.read_text().split() == ["requeue", "Incomplete", "77"]
 
 
-def test_every_minutes_saves_when_the_time_since_the_last_checkpoint_is_up():
+def test_every_minutes_is_due_when_the_time_since_the_last_checkpoint_is_up_on_any_rank():
+    from types import SimpleNamespace
+
+    from fastclr.cadence import Cadence
     from fastclr.preemption import StopPolicy
 
-    saves = []
-    policy = StopPolicy(max_minutes=0, stop_at_step=0, world_size=1, cuda=False, every_minutes=0.1 / 60,
-                        save=lambda: (saves.append(len(saves)), policy.checkpointed()))
+    policy = StopPolicy(max_minutes=0, stop_at_step=0, world_size=1, cuda=False)
+    cadence = Cadence(SimpleNamespace(every_steps=0, every_epochs=0, every_minutes=0.1 / 60), steps_per_epoch=100)
+    cadence.start_clock()
     policy.start_clock()
-    assert policy.reason(1) is None and saves == []  # 0.1 s not yet over
+    assert policy.vote(1, cadence.minutes_up()) == (None, False)  # 0.1 s not yet over
     time.sleep(0.12)
-    assert policy.reason(2) is None and saves == [0]  # due: saved, and the clock starts again
-    assert policy.reason(3) is None and saves == [0]
+    reason, due = policy.vote(2, cadence.minutes_up())
+    assert reason is None and due and cadence.due(2, last=False, minutes_agreed=due)
+    cadence.saved()  # the save happened: the clock starts again
+    assert not cadence.minutes_up()
     time.sleep(0.06)
-    policy.checkpointed()  # a checkpoint at another cadence (every_steps, epoch end) counts too
+    cadence.saved()  # a checkpoint at another cadence (every_steps, epoch end) counts too
     time.sleep(0.06)
-    assert policy.reason(4) is None and saves == [0]
-    off = StopPolicy(max_minutes=0, stop_at_step=0, world_size=1, cuda=False, every_minutes=0, save=saves.append)
-    off.start_clock()
+    assert not cadence.minutes_up()
+    off = Cadence(SimpleNamespace(every_steps=0, every_epochs=0, every_minutes=0), steps_per_epoch=100)
     time.sleep(0.01)
-    assert off.reason(1) is None and saves == [0]
+    assert not off.minutes_up() and not off.due(3, last=False)
+    assert not Cadence.allows(periodic=True, nonfinite_streak=2) and Cadence.allows(periodic=False, nonfinite_streak=2)
+
+
+def test_cadence_of_steps_and_epochs_leaves_the_last_step_to_the_final_save():
+    from types import SimpleNamespace
+
+    from fastclr.cadence import Cadence
+
+    c = Cadence(SimpleNamespace(every_steps=3, every_epochs=2, every_minutes=0), steps_per_epoch=5)
+    due = [s for s in range(1, 21) if c.due(s, last=s == 20)]
+    assert due == [3, 6, 9, 10, 12, 15, 18]  # every 3rd step, the end of epoch 2; epoch 4 ends on the last step

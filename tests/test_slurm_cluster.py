@@ -1,9 +1,10 @@
 """The real chain on a real Slurm cluster: launchers/slurm/submit.py → sbatch → launchers/slurm/pretrain.sbatch →
 srun → the trainer, on CPU with gloo, 2 nodes × 1 rank and 1 node × 2 ranks (tests/slurm_cluster.py starts the
 cluster from Debian's slurm-wlm and munge), with the faults a cluster brings: preemption, the time limit, an
-operator's requeue, a cancel, a rank killed, a rank stopped. Each run is the embedded digits with a tiny network
-(44 steps of 64 images); the reference is the same 2-rank run under the deepspeed launcher outside Slurm, and every
-job that finishes must end on its parameters bit for bit, however often it was interrupted and resumed."""
+operator's requeue, a cancel, a rank killed, a rank stopped; and SimCLR v2 as three chained jobs (pretrain →
+finetune → distill), each preempted once. Each run is the embedded digits with a tiny network (44 steps of 64
+images); the reference is the same 2-rank run under the deepspeed launcher outside Slurm, and every job that
+finishes must end on its parameters bit for bit, however often it was interrupted and resumed."""
 import json
 import math
 import os

@@ -16,22 +16,16 @@ for 28M parameters cost more on CPU (page faults, cache misses) than the multi-t
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch import Tensor
+
+from .skipping import DeviceSkipOptimizer
 
 CPU_CHUNK_BYTES = 16 << 20
 """Parameter bytes per multi-tensor call on CPU, where ATen's foreach operators are loops over the per-tensor kernels:
 sweeping one operator over all 112 MB of ResNet-50's weights before the next evicts what the next one reads, so the
 list is walked in chunks. ResNet-50 + head, fp32, 2-core Xeon, same tensors, interleaved steps: one sweep 48.6 ms,
 16 MiB chunks 47.1, 4 MiB 46.0, the per-tensor loop 44.5. 4 MiB would take ~150 calls a step, 16 MiB takes ~70."""
-
-
-def _sanitize(tensors: list[Tensor]) -> None:
-    """inf/NaN → 0 in place, so that a skipped step's arithmetic stays finite (0·NaN would be NaN)."""
-    for t in tensors:
-        torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _trust(w_norm: Tensor, g_norm: Tensor, eta: float, eps: float) -> Tensor:
@@ -107,7 +101,7 @@ def _apply_loop(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], s
         p.addcmul_(buf, -keep)
 
 
-class LARS(torch.optim.Optimizer):
+class LARS(DeviceSkipOptimizer):
     """LARS with per-group ``lars: bool`` (default True). ``foreach=False`` runs the per-tensor loop instead: the same
     kernels with ~17x more operator calls (ResNet-50), each a kernel launch on a GPU. On CPU, where those calls are
     cheap next to the memory traffic, the loop keeps each tensor in cache across its operators and runs ~5% faster
@@ -131,55 +125,14 @@ class LARS(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         eps=eps, lars=True, foreach=foreach)
         super().__init__(params, defaults)
-        self.grad_buffers: list[Tensor] = []
-        """Flat tensors that hold every gradient (``fastclr.allreduce.GradientBuckets.flat``), if the gradients are
-        views into them: sanitized in a few calls instead of one per tensor."""
-        self.step_ok: Tensor | None = None
 
-    _step_supports_amp_scaling = True
-    """fp16: ``torch.amp.GradScaler.step`` hands over ``grad_scale`` and ``found_inf`` (as attributes) instead of
-    reading ``found_inf`` on the host itself: the step unscales and skips on the device."""
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = []  # (group, params, grads, bufs) per (device, dtype) bucket of each group
-        for group in self.param_groups:
-            buckets = defaultdict(lambda: ([], [], []))  # (device, dtype) -> (params, grads, momentum buffers)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("LARS does not support sparse gradients")
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                bucket = buckets[(p.device, p.dtype)]
-                bucket[0].append(p)
-                bucket[1].append(p.grad)
-                bucket[2].append(state["momentum_buffer"])
-            work += [(group, *b) for b in buckets.values()]
-        if not work:
-            return loss
-        all_grads = [g for _, _, grads, _ in work for g in grads]
-        scale = getattr(self, "grad_scale", None)
-        if scale is not None:  # fp16: unscale on the device (GradScaler did not)
-            torch._foreach_mul_(all_grads, scale.double().reciprocal().float())
+    def _update(self, work: list, all_grads: list[Tensor]) -> None:
         norms = []
         for group, params, grads, _ in work:
             norm = _norms_foreach if group["foreach"] else _norms_loop
             norms.append(norm(params, grads, weight_decay=group["weight_decay"], lars=group["lars"]))
         # One verdict for the whole step, on the device: every gradient finite (and no fp16 overflow).
-        finite = torch.isfinite(torch.cat([g for _, g in norms])).all()
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None:
-            finite = finite & (found_inf == 0)
-        self.step_ok = finite  # whether this step is applied, for the trainer's skip counters (read at log steps)
-        keep = finite.to(all_grads[0].dtype)
-        _sanitize(self.grad_buffers or all_grads)
+        finite, keep = self._verdict(torch.cat([g for _, g in norms]), all_grads)
         momenta = {}  # m for an applied step, 1 for a skipped one, in the parameters' dtype (exactly m when kept)
         for (group, params, grads, bufs), (w_norm, g_norm) in zip(work, norms):
             lr, m = group["lr"], group["momentum"]
@@ -191,4 +144,3 @@ class LARS(torch.optim.Optimizer):
                 scales = (lr * _trust(w_norm, g_norm, group["trust_coefficient"], group["eps"]) * keep).unbind(0)
             apply = _apply_foreach if group["foreach"] else _apply_loop
             apply(params, grads, bufs, scales, lr=lr, momentum=momenta[m], keep=keep)
-        return loss

@@ -75,6 +75,3 @@ class Pretraining:
         summarize(steps=steps, elapsed_s=elapsed, images_per_step=trainer.plan.global_batch, stop=stop,
                   ckpt_dir=self.cfg.checkpoint.dir, run_dir=self.out_dir, plots=plot_run(self.out_dir),
                   backbone=backbone, results=results)
-
-    def close(self) -> None:
-        pass

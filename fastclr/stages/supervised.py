@@ -115,9 +115,6 @@ class Supervised:
         log.info(f"{steps} steps in {elapsed / 60:.1f} min" + (f" — stopped early ({stop})" if stop else "") +
                  f"; metrics/plots in {self.out_dir} ({', '.join(p.rsplit('/', 1)[-1] for p in plots)})")
 
-    def close(self) -> None:
-        pass
-
 
 def held_out_loader(cfg, rt, batch_size: int = 256):
     """The held-out split, centre crops, this rank's shard (every image: the figure is the whole split's)."""

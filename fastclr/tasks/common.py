@@ -3,8 +3,11 @@
 Every command takes a SOURCE (a checkpoint folder or checkpoint.dir, ``backbone.pt``/``.safetensors``, or a
 ``classifier.pt`` of finetune/distill; read by :mod:`fastclr.weights`, never unpickled), then ``--config RECIPE``
 (applied over the source's own config, which carries the network, the data and the task sections) and
-``section.field=value`` overrides. Under ``deepspeed --module fastclr <command>`` every rank runs it; the exit status
-is 0 done, 2 a bad config, a missing or unsafe file (before any compute), 4/5 as in pretraining.
+``section.field=value`` overrides. The training commands (linear, finetune, distill) run on the trainer every stage
+shares, with the same ``train.*`` and ``checkpoint.*`` fields as pretraining (the source's own describe the run
+that made it and are not inherited): they auto-resume, checkpoint on SIGUSR1/SIGTERM and requeue under Slurm. Under
+``deepspeed --module fastclr <command>`` every rank runs it; the exit status is 0 done, 2 a bad config, a missing or
+unsafe file (before any compute), 3 stopped by a signal with a checkpoint written, 4/5 as in pretraining.
 """
 from __future__ import annotations
 
@@ -63,12 +66,6 @@ def start(cfg):
     rt = runtime.setup(cfg.distributed.backend, cfg.distributed.timeout)
     logs.setup(rt.rank)
     return rt
-
-
-def norm_layer(cfg, rt):
-    from ..engine import norm_layer
-
-    return norm_layer(cfg, rt.world_size)
 
 
 def _load(module: torch.nn.Module, state: dict, what: str, where: str) -> None:

@@ -10,6 +10,10 @@ the teacher's network (self-distillation) or ``distill.student_arch`` × ``stude
 classifier on its backbone, initialised at random (v2) or from the teacher's backbone. v2: τ = 1, LARS, 400 epochs,
 the pretraining's LR schedule, weight decay and batch, random crops and flips only. The student goes to
 ``<logging.dir>/distill/classifier.pt``; the teacher is scored on the same test split beside it.
+
+Like every stage it checkpoints to ``<output>/checkpoints`` (``checkpoint.*``), resumes from there when started
+again, stops cleanly on SIGUSR1/SIGTERM (exit 3, requeued under Slurm) and takes ``train.stop_at_step``,
+``train.max_minutes`` and ``train.time_budget_minutes``.
 """
 from __future__ import annotations
 
@@ -62,6 +66,7 @@ def run_distill(teacher_path: str, recipe: str | None = None, overrides: list[st
     from ..config import autocast_dtype, to_dict
     from ..data import build_source
     from ..data.labelled import with_labels
+    from ..engine import norm_layer
     from ..losses import distill_loss
     from ..stages.supervised import cross_entropy, evaluate, held_out_loader
     from ..export import save_classifier
@@ -79,7 +84,7 @@ def run_distill(teacher_path: str, recipe: str | None = None, overrides: list[st
     train = build_source(cfg.data, "train")
     classes = teacher.num_classes
     train = with_labels(train, labelled(train, cfg, weights.meta))
-    student_cfg, student = student_network(cfg, teacher, classes, common.norm_layer(cfg, rt), cfg.seed)
+    student_cfg, student = student_network(cfg, teacher, classes, norm_layer(cfg, rt.world_size), cfg.seed)
     teacher_figures = evaluate(teacher, held_out_loader(cfg, rt), rt.device, dtype)
     w, tau = task.label_weight, task.temperature
 

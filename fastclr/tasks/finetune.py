@@ -11,6 +11,10 @@ The subset is drawn from ``finetune.subset_seed`` (the same images for the same 
 ``--labels FILE`` reads. v2's recipe: LARS, batch 1024, LR 0.005·√B (0.16), no weight decay, no warm-up, global BN,
 60 epochs on 1% and 30 on 10% of ImageNet, from the first layer of a 3-layer head. The network is written to
 ``<logging.dir>/finetune/classifier.pt`` (the TEACHER of ``fastclr distill``).
+
+Like every stage it checkpoints to ``<output>/checkpoints`` (``checkpoint.*``), resumes from there when started
+again, stops cleanly on SIGUSR1/SIGTERM (exit 3, requeued under Slurm) and takes ``train.stop_at_step``,
+``train.max_minutes`` and ``train.time_budget_minutes``.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ def run_finetune(source: str, recipe: str | None = None, overrides: list[str] = 
     from ..config import to_dict
     from ..data import build_source
     from ..data.subsets import write_subset
+    from ..engine import norm_layer
     from ..models.classifier import classifier_from
     from ..export import save_classifier
     from ..weights import load_weights
@@ -59,7 +64,7 @@ def run_finetune(source: str, recipe: str | None = None, overrides: list[str] = 
     if rt.is_main:
         write_subset(train, chosen, list_path, f"{len(chosen)} labelled samples of {train.name}: finetune.labels="
                      f"{task.labels}, subset_seed={task.subset_seed}")
-    encoder = common.pretrained_model(weights, cfg, common.norm_layer(cfg, rt), need_head=task.from_head_layer > 0,
+    encoder = common.pretrained_model(weights, cfg, norm_layer(cfg, rt.world_size), need_head=task.from_head_layer > 0,
                                       random_init=random_init)
     model = classifier_from(encoder, classes, task.from_head_layer, zero_init=task.zero_init_classifier, seed=cfg.seed)
     run, results = common.supervise(cfg, "finetune", rt, model, train.subset(chosen), common.classification_loss,

@@ -9,7 +9,11 @@ Nesterov momentum (or LARS), cosine LR; top-1 and top-5 on the held-out split (s
 
 Chen et al. 2020 (appendix B.6) and google-research/simclr's README: batch 4096, 90 epochs, LR 0.1·B/256, momentum
 0.9, no warm-up (ResNet-50, 100 pretraining epochs: ~64.5% top-1). Results go to ``<logging.dir>/linear``
-(``result.json``, metrics).
+(``result.json``, metrics, plots).
+
+Like every stage it checkpoints to ``<output>/checkpoints`` (``checkpoint.*``), resumes from there when started
+again, stops cleanly on SIGUSR1/SIGTERM (exit 3, requeued under Slurm) and takes ``train.stop_at_step``,
+``train.max_minutes`` and ``train.time_budget_minutes``.
 """
 from __future__ import annotations
 

@@ -52,5 +52,29 @@ def test_mistakes_fail_before_compute_naming_the_problem(pretrained, tmp_path, c
     assert "no projection head" in capsys.readouterr().err
     assert main(["finetune", str(run / "ckpt"), "--labels", str(tmp_path / "missing.txt"), *task_args(tmp_path)]) == 2
     assert "missing.txt' does not exist" in capsys.readouterr().err
+    # 140 labelled images cannot fill a batch of 256: the error names the field finetune reads
+    assert main(["finetune", str(run / "ckpt"), "finetune.global_batch_size=256", *task_args(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "finetune.global_batch_size" in err and "train.global_batch_size" not in err
     with pytest.raises(SystemExit):
         main(["finetune", "--labels"])
+
+
+def test_a_time_budget_sizes_the_stage_and_its_config_records_the_choice(pretrained, tmp_path):
+    """train.time_budget_minutes works for a stage as for pretraining: the length is chosen from the measured speed
+    within finetune.epochs, the stage's config.yaml records it (a recipe of this run), and a stage without a warm-up
+    to measure in is refused naming the stage's field."""
+    import time
+
+    from fastclr.config import ConfigError
+
+    run, _ = pretrained
+    args = ["finetune.epochs=5000", "finetune.warmup_epochs=2", "finetune.global_batch_size=32",
+            "train.time_budget_minutes=0.25"]
+    t0 = time.monotonic()
+    run_finetune(str(run / "ckpt"), overrides=task_args(tmp_path, *args))
+    assert time.monotonic() - t0 < 2 * 15
+    saved = load_config(str(tmp_path / "finetune" / "config.yaml"))
+    assert saved.train.time_budget_minutes == 0 and 2 < saved.finetune.epochs < 5000
+    with pytest.raises(ConfigError, match="finetune.warmup_epochs"):
+        run_finetune(str(run / "ckpt"), overrides=task_args(tmp_path / "b", "train.time_budget_minutes=1"))

@@ -5,8 +5,8 @@ from fastclr.tasks.linear import run_linear
 from tests.tasks.conftest import task_args
 
 
-def test_linear_protocol_reports_top1_top5_for_checkpoint_and_random_init(pretrained, tmp_path):
-    run, _ = pretrained
+def test_linear_protocol_reports_top1_top5_for_checkpoint_and_random_init(pretrained, tmp_path, capsys):
+    run, pretraining = pretrained
     fast = ["linear.epochs=3", "linear.global_batch_size=64", "linear.base_lr=2.0"]
     got = run_linear(str(run / "backbone.pt"), overrides=task_args(tmp_path, *fast))
     base = run_linear(str(run / "backbone.pt"), overrides=task_args(tmp_path, *fast), random_init=True)
@@ -18,3 +18,5 @@ def test_linear_protocol_reports_top1_top5_for_checkpoint_and_random_init(pretra
     # What pretraining bought, under the same protocol: a stage that ignored the checkpoint (or trained the
     # encoder, or read the wrong features) would not clear the random-init encoder by this much.
     assert got["top1"] > base["top1"] + 10, (got["top1"], base["top1"])
+    # ... and says how its figure relates to the pretraining run's own quick probe (read from that run's metrics)
+    assert f"the pretraining run's quick probe ({pretraining['probe_top1']:.1f}%)" in capsys.readouterr().out
