@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from . import atomic, integrity
-from .config import Config, check_resume_compatible, to_dict
+from .config import Config, ConfigError, check_resume_compatible, to_dict
 from .runtime import RunFailure
 
 log = logging.getLogger(__name__)
@@ -364,13 +364,20 @@ def load(engine, where: tuple[str, str], rank: int) -> tuple[dict, dict]:
     return client_state or {}, rank_state
 
 
-def restore(engine, loader, cfg: Config, world_size: int, rank: int) -> RunState | None:
+def restore(engine, loader, cfg: Config, world_size: int, rank: int, expect: dict | None = None) -> RunState | None:
     """Resume from ``cfg.checkpoint``'s choice, if there is one: engine, loader position, RNG streams. The run
-    state of the checkpoint, or None when there is nothing to resume."""
+    state of the checkpoint, or None when there is nothing to resume. ``expect``: client-state entries the
+    checkpoint must hold as they are (a stage's source: a stage's checkpoints continue only the run they began)."""
     where = choose(cfg.checkpoint.dir, cfg.checkpoint.resume, rank)
     if where is None:
         return None
-    check_resume_compatible(read_meta(where).get("config", {}), cfg, os.path.join(*where))
+    meta = read_meta(where)
+    check_resume_compatible(meta.get("config", {}), cfg, os.path.join(*where))
+    for key, want in (expect or {}).items():
+        if meta.get(key, want) != want:
+            raise ConfigError(f"config field 'checkpoint.dir': the checkpoint in {os.path.join(*where)} continues a "
+                              f"run from {key} {meta[key]!r}, not {want!r}; give another checkpoint.dir (or the "
+                              "stage's dir), or checkpoint.resume=none to start over")
     client, rank_state = load(engine, where, rank)
     state = RunState.from_client(client)
     saved_world = client.get("world_size", world_size)

@@ -36,7 +36,6 @@ class Trainer:
     def __init__(self, cfg: Config, rt: Runtime, plan: BatchPlan, stage=None):
         stage = stage or Pretraining(cfg)  # a stage of fastclr.stages; pretraining by default
         self.cfg, self.rt, self.plan, self.stage = cfg, rt, plan, stage
-        self.out_dir = stage.out_dir
         self.batch_dtype = autocast_dtype(cfg) or torch.float32
         torch.manual_seed(cfg.seed)
         self.loader = stage.train_loader(rt, plan, self.batch_dtype)
@@ -51,11 +50,11 @@ class Trainer:
         self.skips = SkippedSteps(rt.device, cfg.train.max_nonfinite_steps, cfg.checkpoint.dir)
         self.timer = PhaseTimer(cfg.logging.timers, rt.device)
         self.window = LogWindow(rt.device)
-        self.metrics = MetricsLogger(self.out_dir, enabled=rt.is_main, tensorboard=cfg.logging.tensorboard)
+        self.metrics = MetricsLogger(stage.out_dir, enabled=rt.is_main, tensorboard=cfg.logging.tensorboard)
         self.progress = Progress(self.schedule.total_steps, enabled=rt.is_main and cfg.logging.progress)
         self.cadence = Cadence(cfg.checkpoint, self.steps_per_epoch)
         self.stop = StopPolicy.of(cfg, rt)
-        self.report_bad = BadSampleReport(self.loader.bad, self.out_dir, rt.rank)
+        self.report_bad = BadSampleReport(self.loader.bad, stage.out_dir, rt.rank)
         self._batches, self._saved_at = None, -1  # the epoch's iterator; step of the newest checkpoint written/read
         self.planner = Planner.of(cfg, rt, stage, self.schedule, self.steps_per_epoch)  # None without a time budget
 
@@ -205,8 +204,8 @@ class Trainer:
         return f"loss {loss:.4f} lr {lr:.3g} {ips:.0f} img/s"
 
     def evaluate(self, kind: str) -> dict:
-        """The stage's evaluation (``kind``: 'final', 'monitor', or 'budget' — the one a time budget times), logged with
-        the training seconds it follows (wall time less all evaluations)."""
+        """The stage's evaluation (``kind``: 'final', 'monitor', or 'budget': the one a time budget times), logged
+        with the training seconds it follows (wall time less all evaluations)."""
         t0 = time.monotonic()
         results = self.stage.evaluate(self, kind)
         train_s, self.eval_s = t0 - self.t_start - self.eval_s, self.eval_s + time.monotonic() - t0
@@ -216,19 +215,19 @@ class Trainer:
 
     def save_config(self, note: str) -> None:
         if self.rt.is_main:
-            save_config(self.cfg, os.path.join(self.out_dir, "config.yaml"), f"{note}: a recipe (fastclr "
+            save_config(self.cfg, os.path.join(self.stage.out_dir, "config.yaml"), f"{note}: a recipe (fastclr "
                         f"{self.stage.name} --config <this file>).")
 
     # ------------------------------------------------------------------------------------------------------------ #
     def save(self, periodic: bool = False, force: bool = False) -> None:
-        """A checkpoint of this step (once, unless ``force``); ``periodic``: a cadence's, which the cadence may refuse."""
+        """A checkpoint of this step (once, unless ``force``); ``periodic``: a cadence's, which it may refuse."""
         if self._saved_at == self.state.step and not force:
             return
         self.state.nonfinite_steps, streak = self.skips.check(self.state.step)
         if not self.cadence.allows(periodic, streak):
             return
-        checkpoint.save(self.engine, self.cfg.checkpoint.dir, self.state.step,
-                        self.state.to_client(self.cfg, self.rt.world_size, self.steps_per_epoch),
+        client = {**self.state.to_client(self.cfg, self.rt.world_size, self.steps_per_epoch), **self.stage.identity}
+        checkpoint.save(self.engine, self.cfg.checkpoint.dir, self.state.step, client,
                         {"loader": self.loader.state_dict(), "rng": checkpoint.rng_state()}, self.rt.rank,
                         self.cfg.checkpoint.keep)
         self._saved_at = self.state.step
@@ -236,7 +235,8 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from ``checkpoint.resume``'s choice; False when there is nothing to resume."""
-        state = checkpoint.restore(self.engine, self.loader, self.cfg, self.rt.world_size, self.rt.rank)
+        state = checkpoint.restore(self.engine, self.loader, self.cfg, self.rt.world_size, self.rt.rank,
+                                   self.stage.identity)
         if state is None:
             return False
         self.state, self._saved_at = state, state.step

@@ -73,7 +73,8 @@ def validate_run(cfg: Config, world_size: int, cuda: bool | None, local_files: b
             f"config field 'distributed.zero_stage': {cfg.distributed.zero_stage} is refused: ZeRO shards flattened "
             "parameters, which breaks LARS's per-layer trust ratios; use 0")
     warmup = "optim.warmup_epochs" if section == "train" else f"{section}.warmup_epochs"
-    if cfg.train.time_budget_minutes and (cfg.optim if section == "train" else getattr(cfg, section)).warmup_epochs <= 0:
+    lengths = cfg.optim if section == "train" else getattr(cfg, section)  # where the stage's warm-up is
+    if cfg.train.time_budget_minutes and lengths.warmup_epochs <= 0:
         raise ConfigError("config field 'train.time_budget_minutes': the run measures its speed during the warm-up, "
                           f"while the LR does not yet depend on the run's length; set {warmup} > 0")
     if bool(cfg.model.momentum) != bool(cfg.loss.memory_size):

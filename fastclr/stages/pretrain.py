@@ -10,6 +10,7 @@ from ..config import Config
 
 class Pretraining:
     name, section = "pretrain", "train"
+    identity: dict = {}  # nothing beyond the config ties a pretraining checkpoint to its start
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

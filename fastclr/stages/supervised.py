@@ -45,13 +45,15 @@ class LossOf:
 
 
 class Supervised:
-    """Stage ``name`` ('linear', 'finetune' or 'distill') training ``model`` on ``source`` with ``loss_fn``;
-    outputs (metrics, config, checkpoints by default) in ``out_dir``."""
+    """Stage ``name`` ('linear', 'finetune' or 'distill') training ``model`` on ``source`` (the data) with
+    ``loss_fn``; outputs (metrics, config, checkpoints by default) in ``out_dir``; ``origin``: the weights it
+    started from (a checkpoint, backbone or teacher, with ``random-init`` for the baseline)."""
 
     monitor_every_epochs, final_evaluations = 0, 1
 
-    def __init__(self, cfg, name: str, model: torch.nn.Module, source, loss_fn, out_dir: str):
+    def __init__(self, cfg, name: str, model: torch.nn.Module, source, loss_fn, out_dir: str, origin: str = ""):
         self.cfg, self.name, self.section = cfg, name, name
+        self.identity = {"source": origin}  # kept in every checkpoint: resuming from another source is refused
         self.task = getattr(cfg, name)
         self.model, self.source, self.loss_fn, self.out_dir = model, source, loss_fn, out_dir
         self.log_every = self.task.log_every

@@ -151,7 +151,7 @@ def run_main(body, argv) -> int:
             teardown()
 
 
-def supervise(cfg, name: str, rt, model, source, loss_fn, out: str) -> tuple[object, dict]:
+def supervise(cfg, name: str, rt, model, source, loss_fn, out: str, origin: str) -> tuple[object, dict]:
     """Train ``model`` on ``source`` as stage ``name`` (its section's batch and length) on the trainer every stage
     shares, and score it on the held-out split: (the trainer, whose ``model`` is the trained network, and its
     figures, with ``stop_reason``)."""
@@ -160,11 +160,16 @@ def supervise(cfg, name: str, rt, model, source, loss_fn, out: str) -> tuple[obj
     from ..trainer import Trainer
 
     plan = validate_run(cfg, rt.world_size, rt.cuda, local_files=False, section=name)
-    trainer = Trainer(cfg, rt, plan, Supervised(cfg, name, model, source, loss_fn, out))
+    trainer = Trainer(cfg, rt, plan, Supervised(cfg, name, model, source, loss_fn, out, origin))
     try:
         return trainer, trainer.train()
     finally:
         trainer.close()
+
+
+def origin(weights, random_init: bool = False) -> str:
+    """What a stage starts from, as its checkpoints record it: the weights' resolved file or checkpoint folder."""
+    return "random-init" if random_init else os.path.abspath(weights.path)
 
 
 def classification_loss(engine, images, labels):
@@ -174,7 +179,7 @@ def classification_loss(engine, images, labels):
     return cross_entropy(engine(images), labels)
 
 
-def relate_to_quick_probe(weights, cfg, results: dict) -> None:
+def relate_to_quick_probe(weights, cfg, results: dict, protocol: str) -> None:
     """Say how this protocol's top-1 relates to the pretraining run's own quick probe, whose figure is read from
     that run's metrics where they are beside the checkpoint's config (``logging.dir``)."""
     import json
@@ -187,9 +192,9 @@ def relate_to_quick_probe(weights, cfg, results: dict) -> None:
         quick = rows[-1]["probe_top1"] if rows else None
     figure = f"{quick:.1f}%" if quick is not None else "in its RESULT line"
     log.info(f"How this relates to the pretraining run's quick probe ({figure}): that probe fits a linear classifier "
-             "to features extracted once from centre crops (eval.probe_epochs on fixed features, every image); this "
-             f"figure ({results['top1']:.1f}%) trains through the network on random-resized crops and flips for the "
-             "stage's epochs, the published protocol. They differ by design; compare figures of one protocol.")
+             "to features extracted once from centre crops (eval.probe_epochs on fixed features, every labelled "
+             f"image); this figure ({results['top1']:.1f}%) {protocol}. They differ by design; compare figures of one "
+             "protocol.")
 
 
 def stopped(results: dict) -> bool:

@@ -96,7 +96,8 @@ def run_distill(teacher_path: str, recipe: str | None = None, overrides: list[st
         return loss if w == 0 else (1 - w) * loss + w * cross_entropy(logits, y)
 
     out = common.out_dir(cfg, task, "distill")
-    run, results = common.supervise(common.with_model(cfg, student_cfg), "distill", rt, student, train, loss_fn, out)
+    run, results = common.supervise(common.with_model(cfg, student_cfg), "distill", rt, student, train, loss_fn, out,
+                                    common.origin(weights))
     if common.stopped(results):
         return results
     results.update(teacher=weights.path, teacher_top1=teacher_figures["top1"], teacher_top5=teacher_figures["top5"],

@@ -68,7 +68,7 @@ def run_finetune(source: str, recipe: str | None = None, overrides: list[str] = 
                                       random_init=random_init)
     model = classifier_from(encoder, classes, task.from_head_layer, zero_init=task.zero_init_classifier, seed=cfg.seed)
     run, results = common.supervise(cfg, "finetune", rt, model, train.subset(chosen), common.classification_loss,
-                                    out)
+                                    out, common.origin(weights, random_init))
     if common.stopped(results):
         return results
     results.update(source=weights.path, random_init=random_init, labels=task.labels, labelled_images=len(chosen),
@@ -81,7 +81,8 @@ def run_finetune(source: str, recipe: str | None = None, overrides: list[str] = 
     what = "random init" if random_init else weights.path
     log.info(f"RESULT finetune top-1 {results['top1']:.1f}% top-5 {results['top5']:.1f}% ({len(chosen)} labels = "
              f"{task.labels}, from head layer {task.from_head_layer}, {what}); network in {out}/classifier.pt")
-    common.relate_to_quick_probe(weights, cfg, results)
+    common.relate_to_quick_probe(weights, cfg, results, f"fine-tunes the whole network on {len(chosen)} labelled "
+                                 f"images only (finetune.labels={task.labels}), random-resized crops and flips")
     return results
 
 

@@ -41,7 +41,8 @@ def run_linear(source: str, recipe: str | None = None, overrides: list[str] = ()
     encoder = common.pretrained_model(weights, cfg, random_init=random_init)
     model = classifier_from(encoder, classes, 0, frozen=True, seed=cfg.seed)
     out = common.out_dir(cfg, cfg.linear, "linear", random_init)
-    _, results = common.supervise(cfg, "linear", rt, model, train, common.classification_loss, out)
+    _, results = common.supervise(cfg, "linear", rt, model, train, common.classification_loss, out,
+                                  common.origin(weights, random_init))
     if common.stopped(results):
         return results
     results.update(source=weights.path, random_init=random_init, epochs=cfg.linear.epochs)
@@ -50,7 +51,9 @@ def run_linear(source: str, recipe: str | None = None, overrides: list[str] = ()
     what = "random-init encoder" if random_init else weights.path
     log.info(f"RESULT linear top-1 {results['top1']:.1f}% top-5 {results['top5']:.1f}% ({what}, "
              f"{results['test_images']} test images)")
-    common.relate_to_quick_probe(weights, cfg, results)
+    common.relate_to_quick_probe(weights, cfg, results, "trains a linear classifier on the frozen encoder, seeing "
+                                 f"random-resized crops and flips for {cfg.linear.epochs:g} epochs (the published "
+                                 "linear protocol)")
     return results
 
 

@@ -93,3 +93,15 @@ def test_usr1_checkpoints_exits_3_and_the_next_start_resumes(stage, pretrained, 
     assert again.returncode == 0, log[-3000:]
     assert f"resumed from {tmp_path / stage / 'checkpoints' / checkpoint.tag_for(stop)} at step {stop}," in log
     assert checkpoint.complete_tags(str(tmp_path / stage / "checkpoints"))[-1][0] == stop + 2
+
+
+def test_a_stage_does_not_resume_checkpoints_it_began_from_another_source(pretrained, tmp_path, capsys):
+    """The stage's checkpoints record what it started from: the same output folder with another source (a new
+    pretraining, the random-init baseline) is refused naming checkpoint.dir, never silently continued."""
+    from fastclr.cli import main
+
+    run = pretrained[0]
+    args = [*task_args(tmp_path, *LINEAR), "train.stop_at_step=3", "linear.dir=" + str(tmp_path / "out")]
+    assert main(["linear", str(run / "ckpt"), *args]) == 0
+    assert main(["linear", str(run / "backbone.pt"), *args]) == 2
+    assert "'checkpoint.dir'" in capsys.readouterr().err
