@@ -78,3 +78,25 @@ def test_a_time_budget_sizes_the_stage_and_its_config_records_the_choice(pretrai
     assert saved.train.time_budget_minutes == 0 and 2 < saved.finetune.epochs < 5000
     with pytest.raises(ConfigError, match="finetune.warmup_epochs"):
         run_finetune(str(run / "ckpt"), overrides=task_args(tmp_path / "b", "train.time_budget_minutes=1"))
+
+
+def test_submit_checks_a_stage_against_its_source_before_anything_is_queued(pretrained, capsys):
+    """``submit.py --task finetune --source CKPT``: the stage's config is the source's, so the batch arithmetic
+    printed and checked is the finetune section's, and its errors name that section's fields."""
+    import importlib.util
+    import os
+
+    from tests.helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("fastclr_submit",
+                                                  os.path.join(ROOT, "launchers", "slurm", "submit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ckpt = str(pretrained[0] / "ckpt")
+    base = ["--task", "finetune", "--source", ckpt, "--nodes", "1", "--gpus-per-node", "2", "--cpu", "--dry-run"]
+    assert module.main(base) == 0
+    out = capsys.readouterr().out
+    assert "batch: global 64 = micro 32 x accumulation 1 x world 2" in out  # the default recipe's finetune section
+    assert "--task finetune --source " + ckpt in out and "dry run: nothing submitted" in out
+    assert module.main(base + ["finetune.global_batch_size=63"]) == 2
+    assert "'finetune.global_batch_size'" in capsys.readouterr().err
