@@ -63,9 +63,6 @@ class DeviceSkipOptimizer(torch.optim.Optimizer):
         self._update(work, all_grads)
         return loss
 
-    def _update(self, work: list, all_grads: list[Tensor]) -> None:
-        raise NotImplementedError
-
     def _verdict(self, grad_norms: Tensor, all_grads: list[Tensor]) -> tuple[Tensor, Tensor]:
         """(finite, keep) from the gradients' norms, on the device: ``keep`` is 1 for an applied step, 0 for a
         skipped one; then the gradients are sanitized so the skipped step's arithmetic stays finite."""
