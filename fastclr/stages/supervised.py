@@ -38,10 +38,10 @@ class LossOf:
             return self.loss_fn(self.engine, images, labels)
 
     def end_step(self, step: int, total_steps: int) -> None:
-        pass
+        """Nothing follows a supervised step (no queue, no momentum encoder)."""
 
     def resume(self, step: int, plan) -> None:
-        pass
+        """Nothing to restore: the loss keeps no state across steps."""
 
 
 class Supervised:
