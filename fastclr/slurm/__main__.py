@@ -19,7 +19,8 @@ from .world import SlurmError, SlurmWorld, hostfile_text
 
 def job_config(task: str, source: str | None, recipe: str | None, overrides: Sequence[str]):
     """(config, batch section) of what a job runs: pretraining's recipe ← overrides, or a stage's config from its
-    source (``fastclr.tasks.common.task_config``)."""
+    source (``fastclr.tasks.common.task_config``). Here, in
+    the entry point, not in :mod:`.launch`: the stage commands import that module (for the requeue call)."""
     from ..config import load_config
 
     if task == "pretrain":

@@ -51,13 +51,14 @@ class Supervised:
 
     monitor_every_epochs, final_evaluations = 0, 1
 
-    def __init__(self, cfg, name: str, model: torch.nn.Module, source, loss_fn, out_dir: str, origin: str = ""):
+    def __init__(self, cfg, name: str, model: torch.nn.Module, source, loss_fn, out_dir: str, origin: str = "",
+                 held_out=None):
         self.cfg, self.name, self.section = cfg, name, name
         self.identity = {"source": origin}  # kept in every checkpoint: resuming from another source is refused
         self.task = getattr(cfg, name)
         self.model, self.source, self.loss_fn, self.out_dir = model, source, loss_fn, out_dir
         self.log_every = self.task.log_every
-        self._test = None
+        self._test = held_out  # the held-out loader, when the command already built one (distill: the teacher's)
 
     def train_loader(self, rt, plan, dtype):
         from ..data.labelled import build_labelled_loader

@@ -151,7 +151,8 @@ def run_main(body, argv) -> int:
             teardown()
 
 
-def supervise(cfg, name: str, rt, model, source, loss_fn, out: str, origin: str) -> tuple[object, dict]:
+def supervise(cfg, name: str, rt, model, source, loss_fn, out: str, origin: str,
+              held_out=None) -> tuple[object, dict]:
     """Train ``model`` on ``source`` as stage ``name`` (its section's batch and length) on the trainer every stage
     shares, and score it on the held-out split: (the trainer, whose ``model`` is the trained network, and its
     figures, with ``stop_reason``)."""
@@ -160,7 +161,7 @@ def supervise(cfg, name: str, rt, model, source, loss_fn, out: str, origin: str)
     from ..trainer import Trainer
 
     plan = validate_run(cfg, rt.world_size, rt.cuda, local_files=False, section=name)
-    trainer = Trainer(cfg, rt, plan, Supervised(cfg, name, model, source, loss_fn, out, origin))
+    trainer = Trainer(cfg, rt, plan, Supervised(cfg, name, model, source, loss_fn, out, origin, held_out))
     try:
         return trainer, trainer.train()
     finally:

@@ -85,7 +85,8 @@ def run_distill(teacher_path: str, recipe: str | None = None, overrides: list[st
     classes = teacher.num_classes
     train = with_labels(train, labelled(train, cfg, weights.meta))
     student_cfg, student = student_network(cfg, teacher, classes, norm_layer(cfg, rt.world_size), cfg.seed)
-    teacher_figures = evaluate(teacher, held_out_loader(cfg, rt), rt.device, dtype)
+    held_out = held_out_loader(cfg, rt)
+    teacher_figures = evaluate(teacher, held_out, rt.device, dtype)
     w, tau = task.label_weight, task.temperature
 
     def loss_fn(engine, x, y):
@@ -97,7 +98,7 @@ def run_distill(teacher_path: str, recipe: str | None = None, overrides: list[st
 
     out = common.out_dir(cfg, task, "distill")
     run, results = common.supervise(common.with_model(cfg, student_cfg), "distill", rt, student, train, loss_fn, out,
-                                    common.origin(weights))
+                                    common.origin(weights), held_out)
     if common.stopped(results):
         return results
     results.update(teacher=weights.path, teacher_top1=teacher_figures["top1"], teacher_top5=teacher_figures["top5"],

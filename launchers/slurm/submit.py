@@ -108,16 +108,12 @@ def check(a, world: int):
     """(recipe path or None, config, batch plan, batch section) of the job, checked as the ranks will check it; for a
     stage whose source is not there yet (chained with --after), the overrides only, on the default config."""
     from fastclr.config import load_config, recipe_path, validate_run
+    from fastclr.slurm.__main__ import job_config
 
     recipe = os.path.abspath(recipe_path(a.recipe)) if a.recipe else None
     section = "train" if a.task == "pretrain" else a.task
-    if a.task == "pretrain":
-        cfg = load_config(recipe, a.overrides)
-    elif os.path.exists(a.source):
-        from fastclr.tasks.common import task_config
-        from fastclr.weights import load_weights
-
-        cfg = task_config(load_weights(a.source), recipe, a.overrides, a.task)
+    if a.task == "pretrain" or os.path.exists(a.source):
+        cfg = job_config(a.task, a.source, recipe, a.overrides)[0]  # what the job's batch shell will check
     elif a.after:
         print(f"note: --source '{a.source}' does not exist yet (job {a.after} writes it); its config is checked "
               "when this job starts")
