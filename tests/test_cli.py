@@ -41,7 +41,7 @@ def test_the_deepspeed_launchers_local_rank_argument_is_accepted(capsys):
 
 
 def test_shipped_recipes_load_by_name():
-    assert load_config("cifar10_resnet18").data.image_size == 32
+    assert load_config("cifar10_resnet18", ["data.path=train"]).data.image_size == 32
     assert load_config("default").data.dataset == "digits"
 
 

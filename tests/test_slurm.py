@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH = os.path.join(ROOT, "launchers", "slurm", "pretrain.sbatch")
 SUBMIT = os.path.join(ROOT, "launchers", "slurm", "submit.py")
 IMAGENET = os.path.join(ROOT, "launchers", "configs", "imagenet_resnet50_bs4096.yaml")
+DATA = ["data.path=/data/imagenet/train-{000000..001023}.tar", "data.eval_path=/data/imagenet/val"]  # not in recipes
 JOB = 4242
 
 ENV_2x4 = {"SLURM_JOB_ID": str(JOB), "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4",
@@ -352,7 +354,7 @@ def test_sbatch_header_is_read_by_sbatch_and_asks_for_requeue_and_the_signal():
 def test_sbatch_dry_run(fake):
     env = {**fake.env, "FASTCLR_SLURM_DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu[01-08]", "SLURM_NNODES": "8",
            "SLURM_GPUS_ON_NODE": "8"}
-    r = _run(["bash", SBATCH, "--recipe", IMAGENET, "train.epochs=1"], env)
+    r = _run(["bash", SBATCH, "--recipe", IMAGENET, *DATA, "train.epochs=1"], env)
     assert r.returncode == 0, r.stderr
     assert "".join(f"gpu0{i} slots=8\n" for i in range(1, 9)) in r.stdout
     assert "node 1 gpu02: ranks 8-15   <- this node" in r.stdout and "node 7 gpu08: ranks 56-63" in r.stdout
@@ -484,19 +486,19 @@ def submit(fake, monkeypatch):
 
 def test_submit_dry_run_prints_the_arithmetic_and_the_sbatch_command(fake, submit, capsys):
     assert submit(["--recipe", IMAGENET, "--nodes", "8", "--gpus-per-node", "8", "--time", "24:00:00",
-                   "--partition", "gpu", "--dry-run", "train.epochs=200"]) == 0
+                   "--partition", "gpu", "--dry-run", *DATA, "train.epochs=200"]) == 0
     out = capsys.readouterr().out
     assert "global 4096 = micro 64 x accumulation 1 x world 64" in out
     assert "peak LR: 4.8 (linear: 0.3 x 4096/256)" in out
-    line = out.split("sbatch command:\n")[1].splitlines()[0].split()
+    line = shlex.split(out.split("sbatch command:\n")[1].splitlines()[0])  # quoted to paste into a shell
     assert line[0] == "sbatch" and {"--nodes=8", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=8",
                                     "--time=24:00:00", "--partition=gpu"} <= set(line)
-    assert line[line.index(SBATCH) + 1:] == ["--recipe", IMAGENET, "--mode", "rank", "train.epochs=200"]
+    assert line[line.index(SBATCH) + 1:] == ["--recipe", IMAGENET, "--mode", "rank", *DATA, "train.epochs=200"]
     assert fake.calls() == []
 
 
 def test_submit_refuses_a_batch_the_world_does_not_divide_before_sbatch(fake, submit, capsys):
-    assert submit(["--recipe", IMAGENET, "--nodes", "3", "--gpus-per-node", "8"]) == 2
+    assert submit(["--recipe", IMAGENET, "--nodes", "3", "--gpus-per-node", "8", *DATA]) == 2
     err = capsys.readouterr().err
     assert "'train.global_batch_size'" in err and "4096" in err and "world size 24" in err
     assert fake.calls() == []
@@ -504,7 +506,7 @@ def test_submit_refuses_a_batch_the_world_does_not_divide_before_sbatch(fake, su
 
 def test_submit_runs_sbatch(fake, submit, capfd):
     assert submit(["--recipe", IMAGENET, "--nodes", "2", "--gpus-per-node", "4", "--mode", "deepspeed",
-                   "--account", "proj", f"logging.dir={fake.tmp / 'run'}"]) == 0
+                   "--account", "proj", *DATA, f"logging.dir={fake.tmp / 'run'}"]) == 0
     assert "Submitted batch job 4243" in capfd.readouterr().out
     (call,) = fake.calls()
     assert call["prog"] == "sbatch" and "--ntasks-per-node=1" in call["argv"] and "--account=proj" in call["argv"]
@@ -514,7 +516,7 @@ def test_submit_runs_sbatch(fake, submit, capfd):
 
 def test_submit_for_cpu_nodes_asks_for_no_gpus_and_hands_the_ranks_per_node_to_the_batch_script(fake, submit, capsys):
     assert submit(["--recipe", IMAGENET, "--nodes", "2", "--gpus-per-node", "4", "--cpu", "--cpus-per-task", "1",
-                   "--dry-run"]) == 0
+                   "--dry-run", *DATA]) == 0
     line = capsys.readouterr().out.split("sbatch command:\n")[1].splitlines()[0].split()
     assert "--gpus-per-node=0" in line and "--ntasks-per-node=4" in line  # 0: a CPU partition has no gpu gres
     assert line[line.index(SBATCH) + 1:][:6] == ["--recipe", IMAGENET, "--mode", "rank", "--gpus-per-node", "4"]

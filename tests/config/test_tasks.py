@@ -48,10 +48,11 @@ def test_shipped_task_recipes_carry_the_papers_settings():
 
 
 def test_a_task_recipe_applies_over_a_saved_config_section_by_section(tmp_path):
-    saved = to_dict(load_config("cifar10_resnet18", ["model.width_mult=0.25", "finetune.subset_seed=7"]))
+    saved = to_dict(load_config("cifar10_resnet18", ["data.path=train", "model.width_mult=0.25",
+                                                     "finetune.subset_seed=7"]))
     recipe = tmp_path / "ft.yaml"
     recipe.write_text("finetune:\n  epochs: 12\n")
     cfg = load_config(str(recipe), ["finetune.labels=1%"], base=saved)
-    assert cfg.model.width_mult == 0.25 and cfg.data.dataset == "folder"  # the saved run's network and data
+    assert cfg.model.width_mult == 0.25 and cfg.data.path == "train"  # the saved run's network and data
     assert (cfg.finetune.epochs, cfg.finetune.subset_seed, cfg.finetune.labels) == (12, 7, "1%")
     assert saved["finetune"]["epochs"] == 30  # the base is not modified
