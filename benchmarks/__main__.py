@@ -5,6 +5,7 @@
     PYTHONPATH=. python -m benchmarks --only data train_step
     PYTHONPATH=. python -m benchmarks --quick --readme   # also rewrite README.md's Performance section
     PYTHONPATH=. python -m benchmarks --only tta --recipe cifar10_resnet18_gpu   # one GPU: 10 min to 84.7% kNN?
+    PYTHONPATH=. python -m benchmarks --only data_index   # start-up and index memory at 10k / 100k / 1.28M images
 
 Writes ``benchmarks/results/<timestamp>/`` (or ``--out-dir``): ``results.jsonl`` (one row per measurement, schema in
 :mod:`benchmarks.common`), ``report.md``, one PNG per benchmark; prints a summary table last. The same command runs
@@ -18,9 +19,10 @@ import sys
 import time
 import traceback
 
-BENCHMARKS = ("flops", "ntxent", "lars", "data", "train_step", "breakdown", "scaling", "tta")
-LONG = ("tta",)
-"""Minutes each (two trainings of the budget): part of a full run, of --quick/--smoke only when named by --only."""
+BENCHMARKS = ("flops", "ntxent", "lars", "data", "data_index", "train_step", "breakdown", "scaling", "tta")
+LONG = ("tta", "data_index")
+"""Minutes each (tta: two trainings of the budget; data_index: ImageNet-sized sets written and started from dozens of
+times): part of a full run, of --quick/--smoke only when named by --only."""
 
 
 def main(argv=None) -> int:
@@ -86,6 +88,12 @@ def _run_one(name: str, rec, kw: dict, state: dict, out_dir: str) -> None:
         from . import data
 
         data.run(rec, **kw)
+    elif name == "data_index":
+        from . import data_index
+
+        state["data_index"] = data_index.run(rec, **kw)
+        data_index.plot(state["data_index"], os.path.join(out_dir, "data_index.png"))
+        print("\n".join(data_index.summary(state["data_index"])), flush=True)
     elif name == "train_step":
         from . import train_step
 

@@ -4,10 +4,12 @@
     fastclr eval | linear | finetune | export SOURCE [...]         # a checkpoint or backbone after pretraining
     fastclr distill TEACHER [...]                                  # SimCLR v2's third step
     fastclr data check PATH                                        # find images training cannot use
+    fastclr data index PATH                                        # build the sample index ahead of a job
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -39,8 +41,41 @@ def main(argv: list[str] | None = None) -> int:
     from .data import check
 
     check.add_parser(data)
+    idx = data.add_parser("index", help="build the sample index of a dataset ahead of a job (rank 0 builds it "
+                          "at the start otherwise)")
+    idx.add_argument("path", help="tar shards (file, folder, glob, brace range, list) or a folder of class folders")
+    idx.add_argument("--kind", choices=("auto", "folder", "tar"), default="auto")
+    idx.add_argument("--rebuild", action="store_true", help="build it again even if a valid one exists")
     args = parser.parse_args(argv)
-    return check.main(args)
+    return check.main(args) if args.data_command == "check" else _index(args)
+
+
+def _index(args) -> int:
+    """``fastclr data index PATH``: build (or check) the cached sample index and say where it is."""
+    from .data import index, sources
+
+    kind = sources.detect_kind(args.path) if args.kind == "auto" else args.kind
+    try:
+        real = os.path.realpath(args.path)
+        if kind == "tar":
+            files, _, meta = index.tar_table(args.path, rebuild=args.rebuild)
+            real = [os.path.realpath(f) for f in files]
+            place = index.cache_file("tar", real, os.path.dirname(real[0]))
+            what = f"{meta['samples']:,} images in {len(files):,} shard{'s' * (len(files) > 1)}"
+        elif kind == "folder":
+            classes = sources.folder_classes(args.path)
+            _, meta = index.folder_table(args.path, classes, rebuild=args.rebuild)
+            place = index.cache_file("folder", [real], real)
+            what = f"{meta['samples']:,} images in {len(classes):,} class folders"
+        else:
+            raise ValueError(f"'{args.path}' is a file list: it is read as it is and needs no index")
+        per_sample = os.path.getsize(place) / max(meta["samples"], 1)
+        print(f"{args.path}: {what}; index {place} ({per_sample:.0f} bytes/sample on disk, memory-mapped; built in "
+              f"{meta.get('build_seconds', 0):.1f} s)")
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"fastclr data index: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

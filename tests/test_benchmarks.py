@@ -129,3 +129,22 @@ def test_gpu_time_to_accuracy_command_runs_its_cpu_smoke(tmp_path, shared_data):
     assert 10.0 < fast["median"] <= 100.0  # 10 classes: chance is 10%
     assert 0 < fast["curve"][-1][0] <= 66.0, fast["curve"]
     assert (out / "tta.png").stat().st_size > 1000
+
+
+def test_data_index_benchmark_measures_cold_and_warm_starts_of_two_ranks(tmp_path):
+    """``python -m benchmarks --only data_index`` at its smoke size: generated shards and folders, two fresh ranks
+    per start, the cold start finds no index and builds it, the warm start finds it; memory per sample over the
+    3-shard baseline and the read-ahead rate are reported."""
+    from benchmarks import data_index
+    from benchmarks.common import Recorder
+
+    result = data_index.run(Recorder(None, quiet=True), smoke=True, data_dir=str(tmp_path), ranks=(2,))
+    starts = result["starts"]
+    assert [(r["kind"], r["samples"], r["cold"]) for r in starts] == [
+        ("tar", 3000, True), ("tar", 3000, False), ("tar", 4000, True), ("tar", 4000, False), ("folder", 4000, True),
+        ("folder", 4000, False)]  # the baseline: 3 of the 4 shards of 1,000
+    for r in starts:
+        assert r["cached"] is not r["cold"] and r["start_s"] > 0 and r["rss_epoch"] > 0
+    assert result["read_ahead"]["images_per_s"] > 0 and result["read_ahead"]["mean_kb"] > 50
+    data_index.plot(result, str(tmp_path / "data_index.png"))
+    assert (tmp_path / "data_index.png").stat().st_size > 0 and len(data_index.summary(result)) == 7

@@ -143,6 +143,8 @@ class TrainLoader:
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.cfg.seed, epoch, ORDER_STREAM])))
             perm = rng.permutation(len(self.source))[: self.num_samples]
             order = perm[self.shard_id:: self.num_shards].reshape(self._batches, self.batch_size)
+            if len(self.source) < 2 ** 31:  # 4 bytes per sample, not 8: at 1.28M images a rank keeps two epochs
+                order = order.astype(np.int32)
             # Keep this epoch and the previous one; a new dict (not an update) because the read-ahead thread reads
             # this cache too.
             previous = self._orders.get(epoch - 1)

@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import abc
 import os
-import tarfile
 from collections import defaultdict
 
 import numpy as np
 
-from .shards import is_pattern, is_shard_list, shard_paths
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pnm", ".ppm", ".pgm")
-"""Formats DALI's image decoder reads; other files in a folder or tar are ignored."""
-
-LABEL_EXTENSIONS = (".cls", ".label")
-"""webdataset-style label members: a text integer next to the image with the same key."""
+from .index import IMAGE_EXTENSIONS, folder_table, tar_table
+from .shards import is_pattern, is_shard_list
+from .tables import Strings, Table
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -86,13 +81,32 @@ class ArraySource(Source):
         return ArraySource(self.images[keep], self.labels[keep], self.name, self.classes)
 
 
+class FolderPaths(Table):
+    """The paths of a folder's images as its index holds them: ``root/<class>/<path in the class folder>``, built
+    on access (a sequence of str without a Python object per image)."""
+
+    def __init__(self, root: str, classes: tuple[str, ...], cls: np.ndarray, rel: Strings):
+        self.root, self.classes, self.cls, self.rel = root, classes, cls, rel
+
+    def __len__(self) -> int:
+        return len(self.cls)
+
+    def __getitem__(self, i: int) -> str:
+        return os.path.join(self.root, self.classes[int(self.cls[i])], self.rel[i])
+
+    def take(self, keep) -> "FolderPaths":
+        keep = np.asarray(keep, np.int64)
+        return FolderPaths(self.root, self.classes, np.asarray(self.cls)[keep], self.rel.take(keep))
+
+
 class FileSource(Source):
     """Image files on disk (folder or file list)."""
 
     encoded = True
 
-    def __init__(self, paths: list[str], labels: np.ndarray, name: str, classes: tuple[str, ...] = ()):
-        self.paths, self.labels, self.name, self.classes = list(paths), np.asarray(labels, np.int64), name, classes
+    def __init__(self, paths, labels: np.ndarray, name: str, classes: tuple[str, ...] = ()):
+        paths = paths if isinstance(paths, FolderPaths) else list(paths)
+        self.paths, self.labels, self.name, self.classes = paths, np.asarray(labels, np.int64), name, classes
 
     def sample_name(self, index: int) -> str:
         return self.paths[index]
@@ -101,7 +115,8 @@ class FileSource(Source):
         return os.path.realpath(self.paths[index])
 
     def subset(self, keep: np.ndarray) -> "FileSource":
-        return FileSource([self.paths[i] for i in keep], self.labels[keep], self.name, self.classes)
+        paths = self.paths.take(keep) if isinstance(self.paths, FolderPaths) else [self.paths[i] for i in keep]
+        return FileSource(paths, self.labels[keep], self.name, self.classes)
 
     def read(self, indices: np.ndarray) -> list[np.ndarray]:
         return [_read_file(self.paths[i]) for i in indices]
@@ -125,20 +140,26 @@ class TarSource(Source):
     encoded = True
 
     def __init__(self, tars: list[str], tar_index: np.ndarray, offsets: np.ndarray, sizes: np.ndarray,
-                 labels: np.ndarray, name: str, classes: tuple[str, ...] = (), members: list[str] | None = None):
+                 labels: np.ndarray, name: str, classes: tuple[str, ...] = (), members=None):
         self.tars, self.tar_index, self.offsets, self.sizes = tars, tar_index, offsets, sizes
         self.labels, self.name, self.classes = np.asarray(labels, np.int64), name, classes
-        self.members = members
+        self.members = members  # a sequence of member names (index.Strings from the sample index), or None
 
     def sample_name(self, index: int) -> str:
         member = self.members[index] if self.members is not None else f"#{index}"
         return f"{self.tars[int(self.tar_index[index])]}:{member}"
 
     def sample_key(self, index: int) -> str:
-        return tar_member_key(self.sample_name(index))
+        """``<shard's real path>:<member>`` (each shard's path resolved once: exclusion lists at scale)."""
+        if getattr(self, "_real", None) is None:
+            self._real = [os.path.realpath(t) for t in self.tars]
+        member = self.members[index] if self.members is not None else f"#{index}"
+        return f"{self._real[int(self.tar_index[index])]}:{member}"
 
     def subset(self, keep: np.ndarray) -> "TarSource":
-        members = [self.members[i] for i in keep] if self.members is not None else None
+        members = None
+        if self.members is not None:
+            members = self.members.take(keep) if isinstance(self.members, Strings) else [self.members[i] for i in keep]
         return TarSource(self.tars, self.tar_index[keep], self.offsets[keep], self.sizes[keep], self.labels[keep],
                          self.name, self.classes, members)
 
@@ -223,10 +244,6 @@ def digits_source(split: str, image_size: int) -> ArraySource:
 # folder, file list, tar shards
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def folder_classes(root: str) -> tuple[str, ...]:
     """Sorted names of the visible sub-folders of ``root``: class index = position in this list."""
     if not os.path.isdir(root):
@@ -236,27 +253,20 @@ def folder_classes(root: str) -> tuple[str, ...]:
 
 def folder_source(root: str, classes: tuple[str, ...] | None = None) -> FileSource:
     """``root/<class>/**/<image>``; class index = position of the folder name in ``classes`` (default: the sorted
-    sub-folders of ``root``; pass the training folder's classes for a held-out folder so indices agree)."""
+    sub-folders of ``root``; pass the training folder's classes for a held-out folder so indices agree). Listed from
+    the folder's cached sample index (:mod:`fastclr.data.index`): sorted class folders, sorted files."""
     found = folder_classes(root)
     classes = tuple(classes) if classes is not None else found
     extra = sorted(set(found) - set(classes))
     if extra:
         raise ValueError(f"image folder '{root}' has class folders {extra[:5]} that the training classes lack")
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        class_dir = os.path.join(root, name)
-        if not os.path.isdir(class_dir):
-            continue  # a held-out folder may lack a class
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames.sort()  # os.walk order is the file system's: sort for a reproducible sample list
-            for f in sorted(filenames):
-                if _is_image(f) and not f.startswith("."):
-                    paths.append(os.path.join(dirpath, f))
-                    labels.append(label)
-    if not paths:
+    arrays, meta = folder_table(root, found)
+    if not meta["samples"]:
         raise FileNotFoundError(f"image folder '{root}' holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...) "
                                 "in class sub-folders (expected root/<class>/<image files>)")
-    return FileSource(paths, np.array(labels, np.int64), name=root, classes=classes)
+    to_class = np.array([classes.index(c) for c in found], np.int64)
+    paths = FolderPaths(root, found, arrays["cls"], Strings(arrays["rel_blob"], arrays["rel_ends"]))
+    return FileSource(paths, to_class[arrays["cls"]], name=root, classes=classes)
 
 
 def filelist_source(list_path: str) -> FileSource:
@@ -290,47 +300,27 @@ def filelist_source(list_path: str) -> FileSource:
     return FileSource(paths, np.array(labels, np.int64), name=list_path)
 
 
-def tar_files(pattern: str) -> list[str]:
-    """A tar file, a folder of ``*.tar``, a glob, a brace range or a text list of shards (fastclr.data.shards)."""
-    return shard_paths(pattern)
-
-
-def _sample_key(member_name: str) -> str:
-    """webdataset convention: the key is the member path up to the first dot of its file name."""
-    head, tail = os.path.split(member_name)
-    return os.path.join(head, tail.split(".", 1)[0])
-
-
 def tar_source(pattern: str, classes: tuple[str, ...] | None = None) -> TarSource:
-    """Image members of uncompressed tars, in tar order. Label: a same-key ``.cls``/``.label`` member if present
-    (webdataset), else the index of the member's parent folder among ``classes`` (default: the sorted parent folder
-    names; ``train/<class>/<file>.jpg`` layouts), else -1."""
-    files = tar_files(pattern)
-    tar_idx, offsets, sizes, names, explicit = [], [], [], [], {}
-    for t, path in enumerate(files):
-        try:
-            with tarfile.open(path, mode="r:") as tf:  # "r:" refuses compressed tars: they cannot be read in place
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    low = m.name.lower()
-                    if low.endswith(IMAGE_EXTENSIONS):
-                        tar_idx.append(t), offsets.append(m.offset_data), sizes.append(m.size), names.append(m.name)
-                    elif low.endswith(LABEL_EXTENSIONS):
-                        explicit[(t, _sample_key(m.name))] = int(tf.extractfile(m).read().decode().strip())
-        except tarfile.ReadError as e:
-            raise ValueError(f"tar shard '{path}' cannot be read as an uncompressed tar ({e})") from None
-    if not names:
+    """Image members of uncompressed tars, in tar order, from the set's cached sample index
+    (:mod:`fastclr.data.index`). Label: a same-key ``.cls``/``.label`` member if present (webdataset), else the index
+    of the member's parent folder among ``classes`` (default: the sorted parent folder names; ``train/<class>/
+    <file>.jpg`` layouts), else -1."""
+    files, arrays, meta = tar_table(pattern)
+    if not meta["samples"]:
         raise FileNotFoundError(f"tar shards '{pattern}' hold no image members "
                                 f"({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
-    parents = [os.path.basename(os.path.dirname(n)) for n in names]
+    parents = meta["parents"]
     if classes is None:
-        classes = tuple(sorted(set(parents))) if all(parents) else ()
-    class_index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([explicit.get((t, _sample_key(n)), class_index.get(p, -1))
-                       for t, n, p in zip(tar_idx, names, parents)], np.int64)
-    return TarSource(files, np.array(tar_idx, np.int32), np.array(offsets, np.int64), np.array(sizes, np.int64),
-                     labels, name=pattern, classes=tuple(classes), members=names)
+        classes = tuple(parents) if "" not in parents else ()
+    explicit = arrays["explicit"]
+    if meta.get("all_explicit"):
+        labels = explicit  # memory-mapped as it is: no page resident until a label is read
+    else:
+        class_index = {c: i for i, c in enumerate(classes)}
+        by_parent = np.array([class_index.get(p, -1) for p in parents], np.int64)
+        labels = np.where(explicit >= 0, explicit, by_parent[arrays["parent"]])
+    return TarSource(files, arrays["shard"], arrays["offset"], arrays["size"], labels, name=pattern,
+                     classes=tuple(classes), members=Strings(arrays["name_blob"], arrays["name_ends"]))
 
 
 # --------------------------------------------------------------------------------------------------------------- #

@@ -59,12 +59,15 @@ def task_config(weights, recipe: str | None, overrides: list[str], name: str | N
 
 
 def start(cfg):
-    """Device checks, the process group, rank-aware logging: the world of a command."""
+    """Device checks, the process group, rank-aware logging, the data's sample index (rank 0 builds what is missing
+    while the others wait): the world of a command."""
     from .. import logs, runtime
+    from ..data.index import prepare
 
     runtime.check_gpu_usable()
     rt = runtime.setup(cfg.distributed.backend, cfg.distributed.timeout)
     logs.setup(rt.rank)
+    prepare(cfg.data, rt)
     return rt
 
 

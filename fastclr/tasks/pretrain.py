@@ -20,16 +20,15 @@ def run(cfg) -> tuple[dict, int]:
     """Check the config against the world, set the world up, train and evaluate: (results, exit status)."""
     import torch
 
-    from .. import logs, runtime
+    from .. import runtime
     from ..config import validate_run
     from ..trainer import Trainer
-    from .common import exit_status
+    from .common import exit_status, start
 
     runtime.check_gpu_usable()
     _, world_size, _ = runtime.world_from_env()
     plan = validate_run(cfg, world_size, torch.cuda.is_available())
-    rt = runtime.setup(cfg.distributed.backend, cfg.distributed.timeout)
-    logs.setup(rt.rank)
+    rt = start(cfg)
     try:
         trainer = Trainer(cfg, rt, plan)
         try:
