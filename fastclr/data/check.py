@@ -1,16 +1,18 @@
 """``fastclr data check PATH``: scan a dataset for images training cannot use.
 
-The check decodes every image with DALI's CPU decoder (the decoder training uses), in batches on all cores, and
-reports: how many are good, which are bad and why, and the decodable oddities (grayscale, CMYK, alpha, palette,
-smaller than the training crop) that training converts on the fly. It writes the bad samples to ``<name>.bad.tsv``
-(usable as ``data.exclude`` for every kind of dataset) and, for folders and file lists, a clean file list
-``<name>.clean.txt`` (usable as ``data.dataset=filelist``). ``--quick`` reads headers only: it finds empty, non-image
-and truncated files, not damage inside a complete file.
+The check decodes every image with DALI's CPU decoder (the decoder training uses), in batches on all cores, in a child
+process (a decoder crash makes one file bad instead of ending the check), and reports: how many are good, which are
+bad and why, and the decodable oddities (grayscale, CMYK, alpha, palette, smaller than the training crop) that
+training converts on the fly. It writes the bad samples to ``<name>.bad.tsv`` (usable as ``data.exclude`` for every
+kind of dataset) and, for folders and file lists, a clean file list ``<name>.clean.txt`` (usable as
+``data.dataset=filelist``). ``--quick`` reads headers only: it finds empty, non-image and truncated files, not damage
+inside a complete file.
 """
 from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -45,35 +47,17 @@ def _oddity(buf, image_size: int) -> str | None:
 
 
 class _BatchDecoder:
-    """DALI CPU decode of a batch of encoded images on ``threads`` threads; one by one where a batch fails."""
+    """DALI CPU decode of a batch of encoded images on ``threads`` threads, in the decoder process
+    (:mod:`fastclr.data.decoder`): it decodes one by one where DALI fails a batch, and a file that crashes the
+    decoder is bad ("decoder crashed (SIGSEGV)") while the check goes on."""
 
     def __init__(self, threads: int):
-        self.threads, self.pipe, self.size = threads, None, 0
-
-    def _build(self, size: int):
-        from nvidia.dali import fn, pipeline_def, types
-
-        @pipeline_def(batch_size=size, num_threads=self.threads, device_id=None, prefetch_queue_depth=1,
-                      exec_async=False, exec_pipelined=False)
-        def decode():
-            return fn.decoders.image(fn.external_source(name="encoded", dtype=types.UINT8, ndim=1), device="cpu",
-                                     output_type=types.RGB)
-
-        self.pipe, self.size = decode(), size
-        self.pipe.build()
+        self.threads = threads
 
     def __call__(self, bufs: list[np.ndarray]) -> list[str | None]:
-        from .screen import decodes
+        from .decoder import decode
 
-        if self.pipe is None or self.size != len(bufs):
-            self._build(len(bufs))
-        try:
-            self.pipe.feed_input("encoded", [np.ascontiguousarray(b, np.uint8) for b in bufs])
-            self.pipe.run()
-            return [None] * len(bufs)
-        except RuntimeError:
-            self.pipe = None
-            return [decodes(b) for b in bufs]
+        return [reason for _, reason in decode(bufs, threads=self.threads)]
 
 
 def check(path: str, *, kind: str = "auto", image_size: int = 224, quick: bool = False, out_dir: str = ".",
@@ -125,7 +109,8 @@ def check(path: str, *, kind: str = "auto", image_size: int = 224, quick: bool =
     bar.close()
     elapsed = time.monotonic() - t0
 
-    name = os.path.basename(os.path.normpath(path.split("*")[0])) or "dataset"
+    # The lists' name: the path up to its first pattern character (train-{000000..001023}.tar -> train)
+    name = os.path.basename(os.path.normpath(re.split(r"[*?[{]", path)[0])).rstrip("-_.") or "dataset"
     name = os.path.splitext(name)[0] or "dataset"
     os.makedirs(out_dir, exist_ok=True)
     bad_list = os.path.join(out_dir, f"{name}.bad.tsv")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,6 +47,9 @@ EVAL_SUBSET_SEED = 1234
 REPLACE_STREAM = 0xBAD
 """Mixed into the seed of the replacements drawn for bad samples."""
 MAX_REPLACEMENT_TRIES = 64
+BUILD_LOCK = threading.Lock()
+"""One DALI pipeline build at a time in this process (a build beside another one, or beside a pipeline being freed,
+is the first suspect for a segfault seen once inside ``Pipeline.build``; see :mod:`fastclr.data.decoder`)."""
 STAND_IN = np.frombuffer(b"P6\n1 1\n255\n\x00\x00\x00", np.uint8)
 """A valid 1×1 black image (binary PPM) standing in for a bad sample where no replacement may be drawn (evaluation:
 the slot's label becomes -1 and the sample is left out of the metrics)."""
@@ -247,7 +251,8 @@ class TrainLoader:
             channels_last=self.channels_last, batch_size=self.batch_size, num_threads=self.cfg.num_threads,
             device_id=self._device_id, seed=seed, prefetch_queue_depth=self.cfg.prefetch,
             enable_conditionals=self.cfg.augment.blur_p > 0, enable_checkpointing=True, **kw)
-        self._pipe.build()
+        with BUILD_LOCK:
+            self._pipe.build()
 
     def _drop_pipe(self) -> None:
         self._pipe = None  # DALI stops its worker threads when the pipeline is garbage-collected
@@ -361,7 +366,8 @@ class EvalLoader:
             device=self._dali_device, dtype=_dali_dtype(self.device, self.dtype), channels_last=self.channels_last,
             batch_size=self.batch_size, num_threads=self.cfg.num_threads, device_id=self._device_id, seed=0,
             prefetch_queue_depth=self.cfg.prefetch)
-        pipe.build()
+        with BUILD_LOCK:
+            pipe.build()
         for b in range(len(self)):
             (images,) = pipe.run(_stream(self.device))
             labels = self.labels[b * self.batch_size:(b + 1) * self.batch_size]

@@ -8,6 +8,8 @@ the host (the loader's read-ahead thread) first:
    the end-of-image marker; PNG: IHDR first, IEND last; BMP and WebP: the declared size fits);
 2. anything the cheap check cannot vouch for (truncated or damaged-looking files, formats without a cheap check) is
    decoded once by DALI's own CPU decoder, the decoder training uses: what it decodes is good, what it refuses is bad.
+   That decode runs in a child process (:mod:`fastclr.data.decoder`): a decoder that crashes on a file makes it bad
+   ("decoder crashed (SIGSEGV)") instead of ending the run.
 
 So the verdict is DALI's, and the price of the exact verdict is paid only by unusual files. Decodable oddities need
 nothing: the decoder's RGB output turns grayscale, palette, CMYK/YCCK and alpha images into 3-channel RGB, and the
@@ -18,9 +20,10 @@ with the CPU one, a header valid to every check with a broken body) makes the pi
 from __future__ import annotations
 
 import struct
-import threading
 
 import numpy as np
+
+from . import decoder
 
 JPEG_SOI = b"\xff\xd8\xff"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -109,65 +112,19 @@ def quick_check(buf) -> tuple[str, str]:
     return SUSPECT, fmt
 
 
-def _decoder_message(text: str) -> str:
-    """The decoder's own words from a DALI pipeline error (which also carries a traceback of the graph)."""
-    if "encountered:" in text:
-        text = text.split("encountered:", 1)[1]
-    text = text.split("Current pipeline object", 1)[0]
-    return " ".join(text.split())[:200] or "decoder error"
+def _as_array(buf) -> np.ndarray:
+    return buf if isinstance(buf, np.ndarray) else np.frombuffer(bytes(buf), np.uint8)
 
 
-class _Decoder:
-    """One-image DALI decode, reused across calls; rebuilt after a failure. ``device_id=None``: the CPU decoder;
-    a GPU index: the ``mixed`` (nvJPEG) decoder training uses on that GPU."""
-
-    def __init__(self, device_id: int | None = None):
-        self._lock = threading.Lock()
-        self._pipe = None
-        self.device_id = device_id
-
-    def _build(self):
-        from nvidia.dali import fn, pipeline_def, types
-
-        device = "cpu" if self.device_id is None else "mixed"
-
-        @pipeline_def(batch_size=1, num_threads=1, device_id=self.device_id, prefetch_queue_depth=1,
-                      exec_async=False, exec_pipelined=False)
-        def decode_one():
-            data = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            return fn.decoders.image(data, device=device, output_type=types.RGB)
-
-        pipe = decode_one()
-        pipe.build()
-        return pipe
-
-    def pixels(self, buf: np.ndarray) -> tuple[np.ndarray | None, str | None]:
-        """(HWC uint8 RGB pixels, None), or (None, why DALI cannot decode ``buf`` to a non-empty RGB image)."""
-        with self._lock:
-            if self._pipe is None:
-                self._pipe = self._build()
-            try:
-                self._pipe.feed_input("encoded", [np.ascontiguousarray(buf, dtype=np.uint8)])
-                (out,) = self._pipe.run()
-                image = np.array(out.as_cpu().at(0) if self.device_id is not None else out.at(0))
-            except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses with the decoder's message
-                self._pipe = None
-                return None, f"not decodable ({_decoder_message(str(e))})"
-            if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
-                return None, f"decoded to an unusable shape {image.shape}"
-            return image, None
-
-    def __call__(self, buf: np.ndarray) -> str | None:
-        return self.pixels(buf)[1]
-
-
-_decoder = _Decoder()
-_gpu_decoders: dict[int, _Decoder] = {}
+def pixels(buf) -> tuple[np.ndarray | None, str | None]:
+    """(HWC uint8 RGB pixels, None) from DALI's CPU decoder, or (None, why it cannot decode ``buf``). The decode runs
+    in the decoder process (:mod:`fastclr.data.decoder`): a crash there is a verdict, "decoder crashed (...)"."""
+    return decoder.decode([_as_array(buf)], pixels=True)[0]
 
 
 def decodes_on_gpu(buf, device_id: int) -> str | None:
     """The GPU (mixed) decoder's verdict on one encoded image: it can refuse streams the CPU decoder reads."""
-    return _gpu_decoders.setdefault(device_id, _Decoder(device_id))(np.asarray(buf, np.uint8))
+    return decoder.decode([_as_array(buf)], device_id=device_id)[0][1]
 
 
 def as_png(buf) -> np.ndarray:
@@ -177,11 +134,11 @@ def as_png(buf) -> np.ndarray:
 
     from PIL import Image
 
-    pixels, reason = _decoder.pixels(np.asarray(buf, np.uint8))
-    if pixels is None:
+    image, reason = pixels(buf)
+    if image is None:
         raise ValueError(f"as_png: {reason}")
     out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG", compress_level=1)
+    Image.fromarray(image).save(out, format="PNG", compress_level=1)
     return np.frombuffer(out.getvalue(), np.uint8)
 
 
@@ -189,7 +146,7 @@ def decodes(buf) -> str | None:
     """DALI's CPU decoder's verdict on one encoded image: None if it decodes, else why not."""
     if len(buf) == 0:
         return "empty file"
-    return _decoder(np.frombuffer(bytes(buf), np.uint8) if not isinstance(buf, np.ndarray) else buf)
+    return decoder.decode([_as_array(buf)])[0][1]
 
 
 def screen(buf) -> str | None:

@@ -206,7 +206,7 @@ def test_images_the_gpu_decoder_refuses_are_fed_as_png_with_the_same_pixels(mixe
     CPU and feeds the same pixels as PNG. The GPU verdict is simulated here (no GPU): every ``cmyk``/``progressive``
     file is 'refused'; the recovery itself, the re-encoding and the pipeline are the real ones."""
     import fastclr.data.loader as loader_module
-    from fastclr.data.screen import _decoder, as_png
+    from fastclr.data.screen import as_png, pixels
 
     root, bad_paths, _ = mixed_folder
     source = folder_source(root)
@@ -214,7 +214,7 @@ def test_images_the_gpu_decoder_refuses_are_fed_as_png_with_the_same_pixels(mixe
     assert len(refused) == 2
     for i in refused:
         original = source.read(np.array([i]))[0]
-        assert np.array_equal(_decoder.pixels(as_png(original))[0], _decoder.pixels(original)[0])
+        assert np.array_equal(pixels(as_png(original))[0], pixels(original)[0])
     cfg = DataConfig(dataset="folder", path=root, eval_path=root, image_size=16, augment=IDENTITY)
     loader = TrainLoader(source, cfg, batch_size=len(source) // 2, device=CPU)
     monkeypatch.setattr(loader_module, "decodes_on_gpu",

@@ -235,3 +235,36 @@ def test_the_same_batches_as_the_listing_before_the_index(odd_shards, tmp_path):
     listed = FileSource(_walk_reference(str(root)), np.array([0, 0, 0, 1, 1, 1]), name=str(root))
     for a, b in zip(batches(folder_source(str(root))), batches(listed), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["shards", "folder"])
+def test_exact_resume_over_indexed_data(tmp_path, layout):
+    """S steps, a stop with a checkpoint, a new trainer that lists the data from the cached index, S more: the same
+    losses and parameters as 2·S steps in one go (order, bad-sample screening and augmentation all resume)."""
+    from benchmarks.synthetic_imagenet import generate
+    from tests.helpers import make_trainer, tiny_config
+
+    generate(str(tmp_path / "data"), 600, 10, shards=3, layout="both" if layout == "folder" else "shards", seed=1)
+    path = str(tmp_path / "data" / ("folder" if layout == "folder" else "train-{000000..000002}.tar"))
+    common = [f"data.path={path}", f"data.eval_path={path}", "data.dataset=auto", "data.image_size=16",
+              "train.epochs=3", "train.global_batch_size=128", "eval.max_eval_images=64", "eval.probe_epochs=1",
+              "eval.baseline=false"]
+    whole = make_trainer(tiny_config(tmp_path / "whole", *common, "train.stop_at_step=6"))
+    whole.train()
+    index._LOADED.clear()  # each start lists the data afresh: from the cache file
+    first = make_trainer(tiny_config(tmp_path / "split", *common, "train.stop_at_step=3"))
+    first.train()
+    index._LOADED.clear()
+    second = make_trainer(tiny_config(tmp_path / "split", *common, "train.stop_at_step=6"))
+    second.train()
+
+    def losses(run):
+        import json
+
+        rows = [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
+        return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+
+    assert second.step == 6 and losses("split") == losses("whole") and len(losses("whole")) == 6
+    want = whole.model.state_dict()
+    for k, v in second.model.state_dict().items():
+        assert torch.equal(v, want[k]), k
