@@ -30,7 +30,7 @@ import time
 
 SHARD_SIZES = (10_000, 100_000, 1_281_167)
 FOLDER_SIZES = (10_000, 100_000)
-PER_SHARD = 1_251  # 1,281,167 images in 1,024 shards, as ImageNet-1k's train set is usually sharded
+PER_SHARD = 1_252  # ImageNet-1k's 1,281,167 training images in 1,024 shards, as its shards usually are
 BASELINE_SHARDS = 3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -244,7 +244,7 @@ _LOADED: dict = {}
 def _cached(kind: str, paths: list[str], beside: str, source: dict | None, build, rebuild: bool = False):
     """The arrays and meta of the index of ``paths``: from this process's memory, a valid cache file, or built now
     (and written). ``source`` describes the data the index must match; None: only a build can tell (``build`` then
-    returns it as a third item)."""
+    returns it as a third item). ``build=None``: look only, None if there is no valid index."""
     key = (kind, tuple(paths), json.dumps(source, sort_keys=True))
     if key in _LOADED and not rebuild and source is not None:
         return _LOADED[key]
@@ -258,6 +258,8 @@ def _cached(kind: str, paths: list[str], beside: str, source: dict | None, build
         if found is not None:
             break
     if found is None:
+        if build is None:
+            return None
         t0 = time.monotonic()
         arrays, meta, *built_from = build()
         source = built_from[0] if built_from else source
@@ -283,15 +285,16 @@ def _stat(path: str) -> list:
     return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
 
 
-def tar_table(pattern: str, *, rebuild: bool = False) -> tuple[list[str], dict, dict]:
+def tar_table(pattern: str, *, rebuild: bool = False, build: bool = True) -> tuple[list[str], dict, dict] | None:
     """(shard paths, arrays, meta) of the image members of the tar set ``pattern``. Arrays: ``shard`` (int32),
     ``offset``, ``size`` (int64), ``explicit`` (int64, the ``.cls`` label or -1), ``parent`` (int32 index into
-    ``meta['parents']``, the member's folder name), ``name_blob``/``name_ends`` (member names, :class:`Strings`)."""
+    ``meta['parents']``, the member's folder name), ``name_blob``/``name_ends`` (member names, :class:`Strings`).
+    ``build=False``: None unless a valid index exists."""
     files = shard_paths(pattern)
     real = [os.path.realpath(f) for f in files]
     source = {"shards": [_stat(f) for f in files]}
 
-    def build():
+    def scan():
         with ThreadPoolExecutor(max_workers=min(16, max(4, 2 * (os.cpu_count() or 1)))) as pool:
             scans = list(pool.map(_scan_compact, files))  # compact per shard: few Python objects alive at once
         parent_names = sorted({p for s in scans for p in s["parents"]})
@@ -307,8 +310,8 @@ def tar_table(pattern: str, *, rebuild: bool = False) -> tuple[list[str], dict, 
         return arrays, {"parents": parent_names, "samples": n,
                         "all_explicit": bool(n) and bool((arrays["explicit"] >= 0).all())}
 
-    arrays, meta = _cached("tar", real, os.path.dirname(real[0]), source, build, rebuild)
-    return files, arrays, meta
+    found = _cached("tar", real, os.path.dirname(real[0]), source, scan if build else None, rebuild)
+    return None if found is None else (files, *found)
 
 
 def _walk_class(root: str, name: str) -> tuple[list[str], list[list]]:
@@ -324,7 +327,8 @@ def _walk_class(root: str, name: str) -> tuple[list[str], list[list]]:
     return out, dirs
 
 
-def folder_table(root: str, classes: tuple[str, ...], *, rebuild: bool = False) -> tuple[dict, dict]:
+def folder_table(root: str, classes: tuple[str, ...], *, rebuild: bool = False,
+                 build: bool = True) -> tuple[dict, dict] | None:
     """(arrays, meta) of the images under ``root/<class>/``: ``cls`` (int32 index into ``classes``, the root's
     sorted class folders) and ``rel_blob``/``rel_ends`` (paths relative to the class folder). A cache is valid while
     every directory it walked keeps its modification time (files added or removed change their folder's)."""
@@ -341,22 +345,26 @@ def folder_table(root: str, classes: tuple[str, ...], *, rebuild: bool = False) 
         except (OSError, ValueError, KeyError, TypeError):
             source = None  # changed or unreadable: walk again
 
-    def build():
+    def walk():
         with ThreadPoolExecutor(max_workers=min(8, max(2, os.cpu_count() or 1))) as pool:
             walks = list(pool.map(lambda c: _walk_class(real, c), classes))
-        walked = {"classes": list(classes),
-                  "dirs": [[".", os.stat(real).st_mtime_ns]] + [d for _, dirs in walks for d in dirs]}
+        # Not the root's own time: the index file written into it changes that. Its class folders are compared by
+        # name (``classes``), everything below them by time.
+        walked = {"classes": list(classes), "dirs": [d for _, dirs in walks for d in dirs]}
         table = Strings.of(p for paths, _ in walks for p in paths)
         cls = np.repeat(np.arange(len(classes), dtype=np.int32), [len(p) for p, _ in walks])
         return {"cls": cls, "rel_blob": table.blob, "rel_ends": table.ends}, {"samples": len(cls)}, walked
 
-    return _cached("folder", [real], real, source, build, rebuild)
+    if source is None and not build:
+        return None
+    return _cached("folder", [real], real, source, walk if build else None, rebuild)
 
 
 def prepare(cfg, rt) -> None:
     """Index ``cfg.path`` and ``cfg.eval_path`` (a :class:`fastclr.config.DataConfig`) on rank 0 while the other
-    ranks wait, so that a job builds each index once; then every rank memory-maps it when it lists its samples. A
-    rank that cannot see rank 0's file (a node-local cache folder) builds its own."""
+    ranks wait, so that a job builds each index once; then every rank memory-maps it when it lists its samples. The
+    build runs in a child process (``fastclr data index``): what listing a million samples allocates leaves with it
+    instead of staying resident in rank 0. A rank that cannot see rank 0's file (a node-local cache) builds its own."""
     from .sources import detect_kind, folder_classes
 
     if rt.rank == 0 and cfg.dataset != "digits":
@@ -364,14 +372,26 @@ def prepare(cfg, rt) -> None:
             kind = detect_kind(path) if (path and cfg.dataset == "auto") else cfg.dataset
             if not path or kind not in ("tar", "folder"):
                 continue
-            t0 = time.monotonic()
-            if kind == "tar":
-                tar_table(path)
-            else:
-                folder_table(path, folder_classes(path))
-            if time.monotonic() - t0 > 5:
-                print(f"fastclr: indexed {path} in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+            look = (lambda: tar_table(path, build=False)) if kind == "tar" else (
+                lambda: folder_table(path, folder_classes(path), build=False))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a stale index: the child says so when it rebuilds it
+                found = look()
+            if found is None:
+                _build_in_child(path, kind)
     if rt.world_size > 1:
         from ..runtime import barrier
 
         barrier()
+
+
+def _build_in_child(path: str, kind: str) -> None:
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)  # a plain process, not a member of the job's world
+    done = subprocess.run([sys.executable, "-m", "fastclr", "data", "index", "--kind", kind, path], env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the sample index of '{path}' failed (exit {done.returncode}; the reason is "
+                           "printed above)")

@@ -190,7 +190,9 @@ def _walk_reference(root: str) -> list[str]:
     return out
 
 
-def test_folder_index_lists_what_a_walk_lists_and_notices_new_files(tmp_path):
+def test_folder_index_lists_what_a_walk_lists_and_notices_new_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("FASTCLR_INDEX_DIR")  # the index goes into the folder itself, beside its class folders
+    index._LOADED.clear()
     root = tmp_path / "train"
     for path in ["b/2.jpg", "b/10.jpg", "a/sub/z.png", "a/y.JPG", "a/.hidden.jpg", "a/notes.txt", "c/deep/er/q.jpg"]:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +200,10 @@ def test_folder_index_lists_what_a_walk_lists_and_notices_new_files(tmp_path):
     src = folder_source(str(root))
     assert list(src.paths) == _walk_reference(str(root)) and src.labels.tolist() == [0, 0, 1, 1, 2]
     assert src.classes == ("a", "b", "c")
+    index._LOADED.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # unchanged (the index file beside the classes changes nothing): reused
+        assert index.folder_table(str(root), src.classes, build=False) is not None
     index._LOADED.clear()
     (root / "c" / "deep" / "er" / "r.jpg").write_bytes(_jpeg(3))  # a nested folder's time changes
     with pytest.warns(UserWarning, match="data changed.*rebuilding"):  # seen by re-stating the walked folders
@@ -208,6 +214,7 @@ def test_folder_index_lists_what_a_walk_lists_and_notices_new_files(tmp_path):
     (held_out / "c" / "v.jpg").write_bytes(_jpeg(5))
     val = folder_source(str(held_out), src.classes)
     assert val.labels.tolist() == [2] and val.paths[0] == str(held_out / "c" / "v.jpg")
+    assert index.cache_file("folder", [str(root)], str(root)).startswith(str(root))
 
 
 def test_the_same_batches_as_the_listing_before_the_index(odd_shards, tmp_path):
@@ -268,3 +275,25 @@ def test_exact_resume_over_indexed_data(tmp_path, layout):
     want = whole.model.state_dict()
     for k, v in second.model.state_dict().items():
         assert torch.equal(v, want[k]), k
+
+
+def test_prepare_builds_on_rank_0_in_a_child_process_and_the_ranks_map_it(odd_shards, tmp_path):
+    """A job's start: rank 0 finds no index and has ``fastclr data index`` build it in a child (its allocations
+    leave with the child); the listing then comes from the file. A valid index is not rebuilt."""
+    from types import SimpleNamespace
+
+    pattern = os.path.join(os.path.dirname(odd_shards[0]), "odd-*.tar")
+    folder = tmp_path / "folder"
+    (folder / "k").mkdir(parents=True)
+    (folder / "k" / "a.jpg").write_bytes(_jpeg(1))
+    cfg = DataConfig(dataset="auto", path=pattern, eval_path=str(folder))
+    index._LOADED.clear()
+    index.prepare(cfg, SimpleNamespace(rank=0, world_size=1))
+    assert not index._LOADED  # built elsewhere: nothing listed in this process yet
+    real = [os.path.realpath(f) for f in odd_shards]
+    place = index.cache_file("tar", real, os.path.dirname(real[0]))
+    assert place and index.cache_file("folder", [os.path.realpath(folder)], os.path.realpath(folder))
+    built = os.stat(place).st_mtime_ns
+    index.prepare(cfg, SimpleNamespace(rank=0, world_size=1))
+    assert os.stat(place).st_mtime_ns == built and len(tar_source(pattern)) == 6
+    index.prepare(cfg, SimpleNamespace(rank=1, world_size=1))  # other ranks only wait (and list later)
