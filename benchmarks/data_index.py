@@ -7,7 +7,7 @@ ImageNet-sized sets in tar shards and class folders, cold (no index cache: it is
 The sets come from :mod:`benchmarks.synthetic_imagenet` (generated once under ``--data-dir``, default
 ``~/.cache/fastclr/synthetic``; 1.28M images are ~5.6 GB, a few minutes to write). Each measurement starts every
 rank as a fresh process (gloo, as the launcher does) that lists the set the way ``fastclr pretrain`` does
-(:func:`fastclr.data.index.prepare`: rank 0 builds a missing index while the others wait on a barrier, then every
+(:func:`fastclr.data.prepare.prepare`: rank 0 builds a missing index while the others wait on a barrier, then every
 rank memory-maps it) and builds its training loader and takes one batch. Reported per rank, slowest rank:
 
 * ``start``: seconds from the process's first line to its first batch (imports included);
@@ -47,7 +47,7 @@ def worker(path: str, t_start: float) -> dict:
 
     from fastclr import runtime
     from fastclr.config import DataConfig
-    from fastclr.data.index import prepare
+    from fastclr.data.prepare import prepare
     from fastclr.data.loader import build_train_loader
 
     rt = runtime.setup("gloo")
@@ -105,9 +105,9 @@ def _index_places(path: str) -> list[str]:
 
     if sources.detect_kind(path) == "tar":
         real = [os.path.realpath(f) for f in index.shard_paths(path)]
-        return index._places("tar", real, os.path.dirname(real[0]))
+        return index.places("tar", real, os.path.dirname(real[0]))
     real = os.path.realpath(path)
-    return index._places("folder", [real], real)
+    return index.places("folder", [real], real)
 
 
 def _drop_index(path: str) -> None:

@@ -10,7 +10,7 @@ Cache file: ``.fastclr-index-<hash of the paths>.bin`` beside the data where tha
 from (each shard's path, size and mtime; each walked directory's mtime) and a SHA-256 of its arrays: stale or
 damaged, it is rebuilt with a warning. Written atomically: a killed build leaves the old file or none. ``fastclr
 data index PATH`` builds it ahead of a job; in a job rank 0 builds what is missing while the others wait
-(:func:`prepare`). Sample order is the listing's: tar order, shard by shard; sorted class folders, sorted files.
+(:func:`fastclr.data.prepare.prepare`). Sample order is the listing's: tar order, shard by shard; sorted class folders, sorted files.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import struct
-import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -154,14 +153,14 @@ def _file_name(kind: str, paths: list[str]) -> str:
     return f".fastclr-index-{digest}.bin"
 
 
-def _places(kind: str, paths: list[str], beside: str) -> list[str]:
+def places(kind: str, paths: list[str], beside: str) -> list[str]:
     """Where the cache may be, in the order looked at: beside the data (unless FASTCLR_INDEX_DIR is set), then the
     cache folder."""
     name = _file_name(kind, paths)
-    places = [os.path.join(cache_dir(), name)]
+    out = [os.path.join(cache_dir(), name)]
     if not os.environ.get("FASTCLR_INDEX_DIR") and _writable(beside):
-        places.insert(0, os.path.join(beside, name))
-    return places
+        out.insert(0, os.path.join(beside, name))
+    return out
 
 
 def _writable(folder: str) -> bool:
@@ -248,9 +247,9 @@ def _cached(kind: str, paths: list[str], beside: str, source: dict | None, build
     key = (kind, tuple(paths), json.dumps(source, sort_keys=True))
     if key in _LOADED and not rebuild and source is not None:
         return _LOADED[key]
-    places = _places(kind, paths, beside)
+    where = places(kind, paths, beside)
     found = None
-    for place in places if (source is not None and not rebuild) else ():
+    for place in where if (source is not None and not rebuild) else ():
         try:
             found = _read(place, source)
         except (ValueError, OSError) as e:
@@ -264,7 +263,7 @@ def _cached(kind: str, paths: list[str], beside: str, source: dict | None, build
         arrays, meta, *built_from = build()
         source = built_from[0] if built_from else source
         meta["build_seconds"] = round(time.monotonic() - t0, 3)
-        place = _write(places, source, arrays, meta)
+        place = _write(where, source, arrays, meta)
         found = _read(place, source)
         key = (kind, tuple(paths), json.dumps(source, sort_keys=True))
     _LOADED[key] = found
@@ -273,7 +272,7 @@ def _cached(kind: str, paths: list[str], beside: str, source: dict | None, build
 
 def cache_file(kind: str, paths: list[str], beside: str) -> str | None:
     """The cache file in use for these paths, if one exists."""
-    return next((p for p in _places(kind, paths, beside) if os.path.isfile(p)), None)
+    return next((p for p in places(kind, paths, beside) if os.path.isfile(p)), None)
 
 
 # --------------------------------------------------------------------------------------------------------------- #
@@ -358,40 +357,3 @@ def folder_table(root: str, classes: tuple[str, ...], *, rebuild: bool = False,
     if source is None and not build:
         return None
     return _cached("folder", [real], real, source, walk if build else None, rebuild)
-
-
-def prepare(cfg, rt) -> None:
-    """Index ``cfg.path`` and ``cfg.eval_path`` (a :class:`fastclr.config.DataConfig`) on rank 0 while the other
-    ranks wait, so that a job builds each index once; then every rank memory-maps it when it lists its samples. The
-    build runs in a child process (``fastclr data index``): what listing a million samples allocates leaves with it
-    instead of staying resident in rank 0. A rank that cannot see rank 0's file (a node-local cache) builds its own."""
-    from .sources import detect_kind, folder_classes
-
-    if rt.rank == 0 and cfg.dataset != "digits":
-        for path in (cfg.path, cfg.eval_path):
-            kind = detect_kind(path) if (path and cfg.dataset == "auto") else cfg.dataset
-            if not path or kind not in ("tar", "folder"):
-                continue
-            look = (lambda: tar_table(path, build=False)) if kind == "tar" else (
-                lambda: folder_table(path, folder_classes(path), build=False))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a stale index: the child says so when it rebuilds it
-                found = look()
-            if found is None:
-                _build_in_child(path, kind)
-    if rt.world_size > 1:
-        from ..runtime import barrier
-
-        barrier()
-
-
-def _build_in_child(path: str, kind: str) -> None:
-    import subprocess
-
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)  # a plain process, not a member of the job's world
-    done = subprocess.run([sys.executable, "-m", "fastclr", "data", "index", "--kind", kind, path], env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"building the sample index of '{path}' failed (exit {done.returncode}; the reason is "
-                           "printed above)")

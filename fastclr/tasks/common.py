@@ -62,7 +62,7 @@ def start(cfg):
     """Device checks, the process group, rank-aware logging, the data's sample index (rank 0 builds what is missing
     while the others wait): the world of a command."""
     from .. import logs, runtime
-    from ..data.index import prepare
+    from ..data.prepare import prepare
 
     runtime.check_gpu_usable()
     rt = runtime.setup(cfg.distributed.backend, cfg.distributed.timeout)

@@ -15,6 +15,7 @@ import torch
 from fastclr.config import DataConfig
 from fastclr.data import index
 from fastclr.data.loader import TrainLoader
+from fastclr.data.prepare import prepare
 from fastclr.data.sources import FileSource, TarSource, folder_source, tar_source
 from fastclr.data.tables import Strings
 from tests.helpers import ROOT, subprocess_env
@@ -288,12 +289,12 @@ def test_prepare_builds_on_rank_0_in_a_child_process_and_the_ranks_map_it(odd_sh
     (folder / "k" / "a.jpg").write_bytes(_jpeg(1))
     cfg = DataConfig(dataset="auto", path=pattern, eval_path=str(folder))
     index._LOADED.clear()
-    index.prepare(cfg, SimpleNamespace(rank=0, world_size=1))
+    prepare(cfg, SimpleNamespace(rank=0, world_size=1))
     assert not index._LOADED  # built elsewhere: nothing listed in this process yet
     real = [os.path.realpath(f) for f in odd_shards]
     place = index.cache_file("tar", real, os.path.dirname(real[0]))
     assert place and index.cache_file("folder", [os.path.realpath(folder)], os.path.realpath(folder))
     built = os.stat(place).st_mtime_ns
-    index.prepare(cfg, SimpleNamespace(rank=0, world_size=1))
+    prepare(cfg, SimpleNamespace(rank=0, world_size=1))
     assert os.stat(place).st_mtime_ns == built and len(tar_source(pattern)) == 6
-    index.prepare(cfg, SimpleNamespace(rank=1, world_size=1))  # other ranks only wait (and list later)
+    prepare(cfg, SimpleNamespace(rank=1, world_size=1))  # other ranks only wait (and list later)
