@@ -19,7 +19,7 @@ def test_every_recipe_loads_and_holds_no_machine_path(name):
     try:
         cfg = load_config(os.path.join(RECIPES, name))
     except ConfigError as e:
-        assert "'data.path'" in str(e) and "e.g. data.path=" in str(e), e
+        assert "'data.path'" in str(e) and "e.g. 'data.path=/data/imagenet/train-{" in str(e), e
         cfg = load_config(os.path.join(RECIPES, name), ["data.path=/data/train", "data.eval_path=/data/val"])
     assert isinstance(cfg, Config)
 

@@ -100,8 +100,9 @@ class DataConfig:
         if self.dataset != "digits":
             _check(bool(self.path), "data.path",
                    f"dataset '{self.dataset}' needs the training data's location; recipes hold none, pass it on the "
-                   "command line, e.g. data.path=/data/imagenet/train-{000000..001023}.tar (tar shards) or "
-                   "data.path=/data/imagenet/train (class folders), and data.eval_path= for the held-out split")
+                   "command line, e.g. 'data.path=/data/imagenet/train-{000000..001023}.tar' (tar shards; quoted, or "
+                   "the shell expands the braces) or data.path=/data/imagenet/train (class folders), and "
+                   "data.eval_path= for the held-out split")
         _check(not (self.exclude and self.dataset == "digits"), "data.exclude",
                "the embedded digits have no files to exclude")
         _at_least(self, "data", 8, "image_size")

@@ -3,7 +3,7 @@ config against the world it will run on; ``--after JOBID`` chains it after anoth
 
     python launchers/slurm/submit.py --recipe launchers/configs/imagenet_resnet50_bs4096.yaml \
         --nodes 8 --gpus-per-node 8 --time 24:00:00 [--partition P] [--account A] [--dry-run] \
-        data.path=/data/imagenet/train-{000000..001023}.tar [key=value ...]
+        "data.path=/data/imagenet/train-{000000..001023}.tar" data.eval_path=/data/imagenet/val [key=value ...]
     python launchers/slurm/submit.py --recipe default --nodes 2 --gpus-per-node 1 --cpu --cpus-per-task 1 \
         --time 10:00                                 # CPU nodes (gloo), e.g. launchers/slurm/local_cluster.sh's
     python launchers/slurm/submit.py --task finetune --source runs/in1k/checkpoints --after 123 \
