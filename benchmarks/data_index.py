@@ -103,11 +103,7 @@ def _index_places(path: str) -> list[str]:
     """Where the sample index of ``path`` may lie (fastclr.data.index's lookup order)."""
     from fastclr.data import index, sources
 
-    if sources.detect_kind(path) == "tar":
-        real = [os.path.realpath(f) for f in index.shard_paths(path)]
-        return index.places("tar", real, os.path.dirname(real[0]))
-    real = os.path.realpath(path)
-    return index.places("folder", [real], real)
+    return index.places_of(path, sources.detect_kind(path))
 
 
 def _drop_index(path: str) -> None:

@@ -56,19 +56,16 @@ def _index(args) -> int:
 
     kind = sources.detect_kind(args.path) if args.kind == "auto" else args.kind
     try:
-        real = os.path.realpath(args.path)
         if kind == "tar":
             files, _, meta = index.tar_table(args.path, rebuild=args.rebuild)
-            real = [os.path.realpath(f) for f in files]
-            place = index.cache_file("tar", real, os.path.dirname(real[0]))
             what = f"{meta['samples']:,} images in {len(files):,} shard{'s' * (len(files) > 1)}"
         elif kind == "folder":
             classes = sources.folder_classes(args.path)
             _, meta = index.folder_table(args.path, classes, rebuild=args.rebuild)
-            place = index.cache_file("folder", [real], real)
             what = f"{meta['samples']:,} images in {len(classes):,} class folders"
         else:
             raise ValueError(f"'{args.path}' is a file list: it is read as it is and needs no index")
+        place = index.cache_file(args.path, kind)
         per_sample = os.path.getsize(place) / max(meta["samples"], 1)
         print(f"{args.path}: {what}; index {place} ({per_sample:.0f} bytes/sample on disk, memory-mapped; built in "
               f"{meta.get('build_seconds', 0):.1f} s)")

@@ -255,8 +255,8 @@ class DecoderProcess:
         try:
             _send(ours, {"sys_path": list(sys.path), "decode_fn": DECODE_FN})
             status, detail = _recv(ours)
-        except (EOFError, OSError):  # TimeoutError is an OSError
-            pass
+        except (EOFError, OSError) as e:  # closed, broken or timed out (TimeoutError is an OSError)
+            detail = None if isinstance(e, EOFError) else f"no start-up answer ({e})"
         except BaseException:  # interrupted (KeyboardInterrupt): an unread "ready" would answer the next request
             proc.kill()
             self._reap()
@@ -278,11 +278,8 @@ class DecoderProcess:
             proc.wait()
             return f"decoder hung (no answer in {TIMEOUT_S:.0f} s)"
         code = proc.returncode
-        if code < 0:
-            try:
-                return f"decoder crashed ({signal.Signals(-code).name})"
-            except ValueError:
-                pass
+        if code < 0 and -code in signal.valid_signals():
+            return f"decoder crashed ({signal.Signals(-code).name})"
         return f"decoder crashed (exit status {code})"
 
     def request(self, bufs: list, device_id: int | None, threads: int, pixels: bool) -> list:

@@ -270,9 +270,22 @@ def _cached(kind: str, paths: list[str], beside: str, source: dict | None, build
     return found
 
 
-def cache_file(kind: str, paths: list[str], beside: str) -> str | None:
-    """The cache file in use for these paths, if one exists."""
-    return next((p for p in places(kind, paths, beside) if os.path.isfile(p)), None)
+def _keyed(path: str, kind: str) -> tuple[list[str], str]:
+    """(the real paths an index of ``path`` is keyed by, the folder it lies beside)."""
+    if kind == "tar":
+        real = [os.path.realpath(f) for f in shard_paths(path)]
+        return real, os.path.dirname(real[0])
+    return [os.path.realpath(path)], os.path.realpath(path)
+
+
+def places_of(path: str, kind: str) -> list[str]:
+    """Where the index of the data set ``path`` ('tar' or 'folder') may lie, in the order looked at."""
+    return places(kind, *_keyed(path, kind))
+
+
+def cache_file(path: str, kind: str) -> str | None:
+    """The index file of the data set ``path`` ('tar' or 'folder'), if one exists."""
+    return next((p for p in places_of(path, kind) if os.path.isfile(p)), None)
 
 
 # --------------------------------------------------------------------------------------------------------------- #
@@ -333,7 +346,7 @@ def folder_table(root: str, classes: tuple[str, ...], *, rebuild: bool = False,
     every directory it walked keeps its modification time (files added or removed change their folder's)."""
     real = os.path.realpath(root)
     source = None
-    place = None if rebuild else cache_file("folder", [real], real)
+    place = None if rebuild else cache_file(root, "folder")
     if place is not None:
         try:  # re-stat what the cache walked (a stat per directory, not a walk)
             with open(place, "rb") as f:
